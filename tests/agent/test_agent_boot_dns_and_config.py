@@ -91,6 +91,7 @@ def stop(net: NetLab, daemon: Any) -> None:
     net.kill(daemon, 15)
 
 
+@pytest.mark.slow
 def test_a_resolver_that_never_answers_does_not_hold_ready_or_the_rules(net: NetLab, tmp_path: Path) -> None:
     """The control plane is a host name and h2's resolver takes queries and answers none (glibc
     would wait 15 s per lookup): READY=1 comes within the boot deadline plus a start, and at that

@@ -878,6 +878,7 @@ RINGFENCE = Path(PY).parent / "ringfence"
 KEY = PUBLIC_KEY.parent / "test-key.pem"
 
 
+@pytest.mark.slow
 def test_daemon_enrolls_follows_pushes_and_reports_against_the_real_control_plane(
     net: NetLab,
     backend: str,

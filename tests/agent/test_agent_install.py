@@ -70,6 +70,7 @@ def bootstrap(installer: Path, wheel: str, digest: str, pem: Path) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_attack_tampered_installer_in_the_published_objects_is_refused_by_the_documented_bootstrap(
     artifact: tuple[Path, str],
     tmp_path: Path,
@@ -124,6 +125,7 @@ def changed_agent(tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_attack_republishing_a_changed_agent_leaves_hosts_pinned_to_the_first_build_installing_it(
     artifact: tuple[Path, str],
     tmp_path: Path,
@@ -174,6 +176,7 @@ INSTALL = (
 )
 
 
+@pytest.mark.slow
 def test_an_upgrade_restarts_the_agent_and_status_names_the_build(
     artifact: tuple[Path, str],
     tmp_path: Path,
@@ -260,6 +263,7 @@ srv.serve_forever()
 """
 
 
+@pytest.mark.slow
 def test_attack_public_key_url_neither_repins_another_key_nor_leaves_a_truncated_one(
     artifact: tuple[Path, str],
     tmp_path: Path,
@@ -304,6 +308,7 @@ kill $KS
     assert "not a PEM Ed25519 public key" in (tmp_path / "err3").read_text()
 
 
+@pytest.mark.slow
 def test_installer_installs_each_missing_prerequisite(artifact: tuple[Path, str], tmp_path: Path) -> None:
     """A stock Debian image: nft installed, the venv module (python3-venv) not. The installer must
     install what is missing though nft is there (apt-get is a shim here that 'installs' it by
@@ -326,6 +331,7 @@ def test_installer_installs_each_missing_prerequisite(artifact: tuple[Path, str]
     assert "nftables" not in installs[0].split()
 
 
+@pytest.mark.slow
 def test_an_upgrade_keeps_the_options_not_given_again(artifact: tuple[Path, str], tmp_path: Path) -> None:
     """Review r6-store finding 3: the documented upgrade re-runs the installer with the new
     artifact and digest only. It must not move the host to another workload id (the hostname),

@@ -224,6 +224,7 @@ while time.time() < end:
 """
 
 
+@pytest.mark.slow
 def test_attack_a_tamper_under_ruleset_churn_elsewhere_is_reapplied(net: NetLab, tmp_path: Path) -> None:
     """A neighbour commits to its own table in a loop while a rule accepting tcp/8080 is
     inserted at the head of Ringfence's input chain. Every netlink dump of the drift check came

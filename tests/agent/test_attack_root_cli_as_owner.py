@@ -150,6 +150,7 @@ def test_attack_a_journal_link_does_not_let_root_write_a_root_file(state: Path, 
     _unchanged(victim)
 
 
+@pytest.mark.slow
 def test_attack_root_never_runs_on_a_last_good_config_the_agents_user_wrote(scratch: Path, tmp_path: Path) -> None:
     """F6: root's ``run`` with a config that does not load fell back to ``config.last-good.json``
     in the agent's directory: the attacker's settings, run as root: pairing_key_file a root file,

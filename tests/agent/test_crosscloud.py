@@ -73,6 +73,7 @@ def net() -> Iterator[NetLab]:
         lab.close()
 
 
+@pytest.mark.slow
 def test_an_azure_web_vm_reaches_an_ec2_db_and_a_gcp_vm_of_another_app_does_not(
     net: NetLab,
     tmp_path: Path,

@@ -259,6 +259,7 @@ def test_daemon_follows_compiles_over_plain_http_by_set_deltas(
     assert not thread.is_alive()
 
 
+@pytest.mark.slow
 def test_daemon_takes_a_refreshed_bundle_before_expiry_and_reports_stale_after(tmp_path: Path) -> None:
     """Expiry end to end with the static source: a compile again re-signs a bundle past half its
     lifetime (same version, later expiry) and the agent, its bundle near expiry, fetches and keeps

@@ -189,6 +189,7 @@ def test_role_bindings_match_sessions_of_their_role() -> None:
     assert all(AdminRole.READER not in roles for roles in ACTIONS.values()), "readers change nothing"
 
 
+@pytest.mark.slow
 def test_admin_api_resource_policy_and_alarm_in_sam_and_terraform() -> None:
     res = template()["Resources"]
     custom = res["AdminApi"]["Properties"]["Auth"]["ResourcePolicy"]["CustomStatements"]

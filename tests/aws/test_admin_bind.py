@@ -215,6 +215,7 @@ def test_serve_binds_for_a_policy_author_token_only(env: Env, served_roles: tupl
     assert all(ssh_peers(env, est).values())
 
 
+@pytest.mark.slow
 def test_a_binding_racing_newer_observations_is_reapplied_or_refused_never_lost(env: Env) -> None:
     """An observation that lands between the binding's read and its write wins the conditional
     write: the binding reads the record again and re-applies itself; when newer observations keep
@@ -260,6 +261,7 @@ def test_a_binding_racing_newer_observations_is_reapplied_or_refused_never_lost(
 
 
 @pytest.mark.parametrize("writer", ["ingest", "reconcile"])
+@pytest.mark.slow
 def test_a_binding_landing_while_ingest_or_reconcile_decides_is_kept(env: Env, writer: str) -> None:
     """The opposite order: ingest (an instance event) or a reconcile pass reads the held record,
     an administrator's binding lands, then the function writes its newer observation, decided
@@ -305,6 +307,7 @@ def test_attack_a_label_bind_whose_audit_write_fails_changes_nothing(env: Env) -
 # --- revoking a grant: DELETE /admin/workloads/{id}/labels ------------------------------------------
 
 
+@pytest.mark.slow
 def test_policy_author_revokes_a_grant_the_value_is_held_again_audited_and_recomputed(env: Env) -> None:
     est = bound_jumpbox(env)
     dev = est["dev"]
@@ -372,6 +375,7 @@ def test_a_revocation_of_a_grant_the_tags_no_longer_ask_for_changes_nothing_in_f
     assert not any(ssh_peers(env, est).values())
 
 
+@pytest.mark.slow
 def test_bad_revocations_are_refused_and_change_nothing(env: Env) -> None:
     est = bound_jumpbox(env)
     dev = est["dev"]
@@ -451,6 +455,7 @@ def test_serve_revokes_for_a_policy_author_token_only(env: Env, served_roles: tu
 
 
 @pytest.mark.parametrize("writer", ["ingest", "reconcile"])
+@pytest.mark.slow
 def test_a_revocation_landing_while_ingest_or_reconcile_decides_is_kept(env: Env, writer: str) -> None:
     """Ingest (an instance event) or a reconcile pass reads the bound record, a policy author's
     revocation lands, then the function writes its newer observation, decided with the grant.
@@ -507,6 +512,7 @@ def compute_queue_down(env: Env, times: int) -> list[int]:
     return left
 
 
+@pytest.mark.slow
 def test_attack_a_revocation_whose_compute_message_failed_is_enforced_on_retry(env: Env) -> None:
     """The bastion is compromised; a policy author revokes its grants. The revocation is stored
     and audited, then the compute message fails (SQS 503): a warm compute keeps the record with

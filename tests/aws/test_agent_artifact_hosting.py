@@ -37,6 +37,7 @@ def published(env: Env, artifact: tuple[Path, str], capsys: pytest.CaptureFixtur
     return wheel.name, digest
 
 
+@pytest.mark.slow
 def test_the_published_wheel_is_served_byte_for_byte_and_installs(
     env: Env,
     published: tuple[str, str],
@@ -162,6 +163,7 @@ def test_ringfence_serve_hosts_what_publish_agent_stored_beside_its_database(
         assert client.get("/v1/agent/..%2fstate.db").status_code == 404
 
 
+@pytest.mark.slow
 def test_install_sh_downloads_the_wheel_over_https_from_the_agent_api_and_checks_it(
     env: Env,
     published: tuple[str, str],

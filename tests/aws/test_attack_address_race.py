@@ -52,6 +52,7 @@ def test_attack_two_registrations_racing_for_one_address_leave_one_owner_on_dyna
     race_new_registrations(*admins)
 
 
+@pytest.mark.slow
 def test_attack_a_readdress_racing_a_registration_leaves_one_owner_on_dynamodb(admins: tuple[Admin, Admin]) -> None:
     """A workload registered again with a new address on one server while another server
     registers a new workload with that address: one lands; the address given up is released."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from tests.aws.conftest import Env, ip_of
 from tests.aws.test_pipeline import _ctx, _scheduled, boot, in_set
 from tests.aws.test_terminate_trust import HOOK, forged_terminate, send_raw
@@ -71,6 +73,7 @@ def _quarantine(env: Env, victim: str, peer: str, ahead: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     est, dev = _estate_with_dev_instances(env)
     env.bind(RESPONDER, ["incident-responder"])
@@ -92,6 +95,7 @@ def test_attack_a_tag_storm_does_not_delay_a_quarantine(env: Env) -> None:
     assert env.bundle(victim).quarantined
 
 
+@pytest.mark.slow
 def test_attack_a_tag_storm_does_not_delay_a_terminated_workloads_address_leaving_its_peers(env: Env) -> None:
     """A workload terminated during a developer's tag storm: its address leaves its peers' allow
     sets in the first compute invocations, not after the storm's backlog (ceil(K/10) of them),
@@ -173,6 +177,7 @@ def test_a_confirmed_terminate_action_and_a_reconcile_removal_take_the_priority_
     assert all(gone not in ids for _, ids, _ in _lane_ids(env, "compute"))
 
 
+@pytest.mark.slow
 def test_attack_stopping_and_starting_ones_own_instances_does_not_delay_a_quarantine(env: Env) -> None:
     """Cycling one's own instances (stop, start): each stop takes them out of their peers' sets,
     but a stopped instance keeps its addresses, so it is ordinary work, not the priority lane's;

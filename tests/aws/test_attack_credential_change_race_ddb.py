@@ -154,6 +154,7 @@ def test_attack_a_deregistration_does_not_cut_off_the_host_registered_after_its_
     assert not old.authorized(), "the old host's token outlived its deregistration"
 
 
+@pytest.mark.slow
 def test_a_reset_revokes_more_pairing_keys_than_one_transaction_takes_ddb(onprem: Env) -> None:
     """120 pairing keys (240 items with their index): a reset over the record as read revokes them
     all, in transactions each conditional on it; one decided from a record no longer stored

@@ -18,6 +18,7 @@ from tests.aws.test_function_iam import Recorder, refusals
 from tests.aws.test_pipeline import boot
 
 
+@pytest.mark.slow
 def test_attack_one_workloads_reports_cannot_add_unbounded_flow_rows_over_dynamodb(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import pytest
+
 from ringfence.store.dynamodb import DynamoStore
 from tests.aws.conftest import Env
 from tests.aws.test_governance import (
@@ -127,6 +129,7 @@ def test_attack_grant_does_not_outlive_a_revocation(env: Env) -> None:
     assert _held_by(env, n) == [DEVELOPER]
 
 
+@pytest.mark.slow
 def test_attack_reconcile_snapshot_does_not_restore_a_revoked_privilege(env: Env, monkeypatch: Any) -> None:
     """Reconcile lists the estate while jumpbox is approved; meanwhile the tagging role revokes it
     (stored: web) and the developer sets it again. Reconcile decides from the record as stored

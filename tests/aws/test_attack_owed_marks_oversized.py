@@ -14,6 +14,8 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from ringfence.store.base import Store, owed_key
 from tests.aws.conftest import Env
 from tests.aws.test_function_iam import allowed, requests_of, sam_statements, terraform_statements
@@ -36,6 +38,7 @@ def _write_junk_marks(env: Env, n: int) -> None:
         )
 
 
+@pytest.mark.slow
 def test_attack_owed_marks_of_escaped_kilobytes_block_no_drain(env: Env) -> None:
     """200 such urgent marks beside a real owed removal. Before: the drain's one urgent message
     (~1.2 MB) was refused by SQS every pass: the removal was never handed on nor settled."""

@@ -22,6 +22,7 @@ def _handed_on(env: Env, queue: str) -> list[str]:
     return [i for m in env.receive(queue) for i in json.loads(m["Body"])["ids"]]
 
 
+@pytest.mark.slow
 def test_attack_a_non_label_tag_storm_sends_nothing_to_compute(env: Env) -> None:
     """A developer whom the guard rail denies the ``ringfence:`` keys flips a tag they may write
     (``scratch``, and ``Name``) N times: each flip was a compute message doing no engine update,

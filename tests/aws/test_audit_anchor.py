@@ -130,6 +130,7 @@ def test_a_genuine_chain_passes_every_anchor_the_schedule_wrote(anchored: Env) -
     assert wrong.returncode == 1 and "no anchor under" in wrong.stderr, wrong.stderr
 
 
+@pytest.mark.slow
 def test_attack_a_rewritten_chain_and_head_is_caught_by_the_scheduled_anchor(anchored: Env) -> None:
     env = anchored
     append(env, 3)

@@ -80,6 +80,7 @@ def first_anchor(
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_attack_a_first_anchor_over_a_long_chain_holds_one_page_not_the_chain(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ def noisy_policy(rules: int) -> dict[str, str]:
     return files
 
 
+@pytest.mark.slow
 def test_attack_thousands_of_policy_warnings_never_activate_a_version_without_its_record(env: Env) -> None:
     """A policy author provisions a version with ~6,000 warnings: its record held them all (over
     400 KB), DynamoDB refused it after the version was active, and `audit verify` said ok over a

@@ -165,6 +165,7 @@ def test_records_are_chained_and_verify(raw: Raw) -> None:
 
 
 @pytest.mark.parametrize("kind", list(TAMPERING))
+@pytest.mark.slow
 def test_attack_tampered_audit_records_fail_verify_at_the_first_bad_seq(raw: Raw, kind: str) -> None:
     fill(raw)
     change, bad_seq, why = TAMPERING[kind]
@@ -542,6 +543,7 @@ def test_records_from_before_chaining_pass_only_in_the_number_allowed(tmp_path: 
         pytest.param({"time": 9e9}, id="dated-after-the-chain-began"),
     ],
 )
+@pytest.mark.slow
 def test_attack_a_record_without_a_hash_added_to_the_log_fails_verify(
     raw: Raw, forged: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
@@ -597,6 +599,7 @@ def test_a_table_item_that_is_no_record_and_a_wrong_table_are_named(request: pyt
     assert wrong.returncode != 0 and "could not be read" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+@pytest.mark.slow
 def test_anchors_saved_by_audit_head_hold_while_the_chain_grows(raw: Raw, tmp_path: Path) -> None:
     fill(raw, 2)
     anchors = tmp_path / "anchors.jsonl"

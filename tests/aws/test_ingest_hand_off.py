@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from botocore.exceptions import ClientError
 
 from ringfence.local.lambdas import Delivery, deliver_batch
@@ -100,6 +101,7 @@ def test_an_observation_the_lifecycle_function_stored_before_its_auto_scaling_re
     assert not in_set(env.bundle(proc), ip_of(env, db)), "the database's move never reached compute"
 
 
+@pytest.mark.slow
 def test_a_taggers_approval_stored_before_its_audit_write_fails_reaches_compute(env: Env) -> None:
     """The tagging role moves the dev box to jumpbox: the tag event holds the move, the CloudTrail
     call approves it. The approval is stored, then its audit record's write is throttled: the
@@ -161,6 +163,7 @@ def test_a_finding_whose_audit_write_fails_is_reported_and_quarantined_on_redeli
     assert env.bundle(dev).quarantined
 
 
+@pytest.mark.slow
 def test_a_findings_quarantine_is_never_in_force_without_its_record_and_each_is_written_once(env: Env) -> None:
     """As above, the write of the quarantine's own ``workload.quarantine`` record refused once
     (after ``label.held`` was written). The quarantine is made with its record or not at all, and
@@ -180,6 +183,7 @@ def test_a_findings_quarantine_is_never_in_force_without_its_record_and_each_is_
     assert len(audited(env, "workload.quarantine", dev)) == 1
 
 
+@pytest.mark.slow
 def test_attack_a_cloudtrail_events_redelivery_after_a_release_neither_quarantines_again_nor_blames_another_move(
     env: Env,
 ) -> None:
@@ -275,6 +279,7 @@ def delivered(env: Env, event: dict[str, Any], name: str) -> str:
     return str(msg["Body"])
 
 
+@pytest.mark.slow
 def test_attack_a_who_only_events_redelivery_after_a_release_blames_nobody_for_a_later_move(env: Env) -> None:
     """role=jumpbox is seen by a tag event alone (held, nobody named); the developer's DeleteTags,
     whose event says who only (not what it set), is named for it: quarantined, then released. A
@@ -300,6 +305,7 @@ def test_attack_a_who_only_events_redelivery_after_a_release_blames_nobody_for_a
     assert not env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
 
 
+@pytest.mark.slow
 def test_attack_an_events_redelivery_after_a_grant_shrank_its_moves_reports_nothing_again(env: Env) -> None:
     """The developer's CreateTags sets role=jumpbox and app=admin: named, quarantined, released;
     then a policy author grants app=admin by an admin binding. The same event delivered again
@@ -325,6 +331,7 @@ def test_attack_an_events_redelivery_after_a_grant_shrank_its_moves_reports_noth
     assert not env.store.get(dev).op_quarantined and len(audited(env, "workload.quarantine", dev)) == 1
 
 
+@pytest.mark.slow
 def test_a_redelivery_completing_a_report_logs_what_the_findings_record_says(env: Env) -> None:
     """The developer's CreateTags sets role=jumpbox and app=admin; the finding's ``label.held`` is
     written, its quarantine's write refused. Before the redelivery app=admin is granted: the event

@@ -98,6 +98,7 @@ def _state(asg: Any, iid: str) -> str:
     return str(got[0]["LifecycleState"]) if got else "gone"
 
 
+@pytest.mark.slow
 def test_a_member_accounts_launch_is_completed_through_its_lifecycle_role(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

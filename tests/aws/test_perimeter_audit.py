@@ -96,6 +96,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_a_run_that_changes_the_perimeter_writes_one_record_of_exactly_its_changes(
     configured: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -235,6 +235,7 @@ def test_a_group_made_by_a_run_stopped_before_its_record_is_taken_back(
     assert len(sgmod._rules_of(now, {})) == len(sgmod._rules_of(same, {}))
 
 
+@pytest.mark.slow
 def test_a_group_taken_back_is_audited_before_its_record_and_counted(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -70,6 +70,7 @@ def test_estate_events_build_inventory_and_signed_bundles(env: Env) -> None:
     assert head["ServerSideEncryption"] == "AES256"
 
 
+@pytest.mark.slow
 def test_scale_out_lifecycle_publishes_then_continues(env: Env) -> None:
     est = boot(env)
     completed: list[dict[str, Any]] = []
@@ -179,6 +180,7 @@ def test_out_of_order_tag_events_keep_newest(env: Env) -> None:
     assert rec.labels["env"] == "dev"
 
 
+@pytest.mark.slow
 def test_lost_event_is_fixed_by_reconcile(env: Env) -> None:
     est = boot(env)
     extra = est["run"]("processing", est["subnets"]["app"], 1)[0]  # no event for this one
@@ -411,6 +413,7 @@ def test_published_state_equals_a_full_recompile_and_deltas_bridge(env: Env) -> 
     assert {n: e for n, (_, e) in sets.items()} == {n: set(s.v4) | set(s.v6) for n, s in new.sets.items()}
 
 
+@pytest.mark.slow
 def test_publish_failure_leaves_hook_pending_then_retry_rebuilds_and_completes(env: Env, caplog: Any) -> None:
     """S3 refuses a write mid-publication: the launch is not completed, the head stays dirty;
     the redelivered batch rebuilds at a fresh revision, republishes, then completes CONTINUE."""
@@ -599,6 +602,7 @@ def test_a_batch_of_launch_actions_is_described_once(env: Env) -> None:
     assert all(env.store.get(iid) is not None for iid in new), "every launching instance entered the inventory"
 
 
+@pytest.mark.slow
 def test_moved_records_name_every_workload_whose_latest_version_moved(env: Env) -> None:
     """The agent API wakes a waiting agent only when a moved record names it (control.changes):
     through the real handlers, each batch's record names every workload whose latest version —

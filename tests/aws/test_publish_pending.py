@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ringfence.bundlewire import Verifier, load_bundle, load_delta
 from ringfence.control.api import secret_hash
 from ringfence.model import Mode
@@ -129,6 +131,7 @@ def test_deltas_never_carry_an_agent_past_its_rebuilt_bundle_still_on_the_publis
     assert agent.revision == env.fn["agentapi"].api().latest_version(db)
 
 
+@pytest.mark.slow
 def test_a_quarantine_on_the_publish_queue_reaches_the_agent_when_a_later_batch_moves_its_sets(
     env: Env, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import hcl2
+import pytest
 import yaml
 
 from ringfence.clouds.aws.patterns import INGEST_RULES, lifecycle_rules
@@ -164,6 +165,7 @@ def test_template_has_the_required_pieces() -> None:
                 assert e["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
+@pytest.mark.slow
 def test_storm_benchmark_script_runs_small() -> None:
     """The storm benchmark (make bench-aws) on 10 instances, so the script cannot rot."""
     from tests.aws.bench_storm import run

@@ -410,6 +410,7 @@ _ITEMS = st.dictionaries(st.text(min_size=1, max_size=6), _ATTRIBUTE_VALUES, min
 
 @settings(max_examples=150, deadline=None)
 @given(items=st.lists(_ITEMS, min_size=1, max_size=3))
+@pytest.mark.slow
 def test_attribute_values_in_wire_form_serialise_as_moto_walks_them(items: list[dict[str, Any]]) -> None:
     """``plain_attribute_values``: DynamoDB answers holding items of every attribute type (binary
     ones, which still take moto's walk, among them) serialise to the JSON moto's own serialiser

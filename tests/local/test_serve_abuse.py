@@ -270,6 +270,7 @@ def test_a_batch_larger_than_the_burst_is_taken_once_the_bucket_is_full_then_wai
     assert len(_archived(w)) == 1
 
 
+@pytest.mark.slow
 def test_an_honest_agents_reports_fit_the_default_quota(plane: Plane) -> None:
     """The agent's defaults at their worst: both buffers full (10,000 drops and 10,000 flows, in
     batches of 500 + 500) every 30 s, with a full 4 MiB spool flushed at once after an outage."""

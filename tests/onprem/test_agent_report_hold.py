@@ -89,6 +89,7 @@ def _size(batch: ReportBatch) -> int:
 
 
 @needs_lab
+@pytest.mark.slow
 def test_a_throttled_agent_holds_its_reports_for_retry_after_and_keeps_syncing(net: NetLab, tmp_path: Path) -> None:
     from ringfence_agent.reports import Spool
 

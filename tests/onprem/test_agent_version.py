@@ -108,6 +108,7 @@ def test_an_old_agents_heartbeat_is_taken_and_a_bad_version_refused(server: Serv
     assert store.enforcement(wid) == before
 
 
+@pytest.mark.slow
 def test_an_agent_newer_than_its_control_plane_heartbeats_without_its_version(
     tmp_path: Path, agent_process: Callable[..., AgentProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:

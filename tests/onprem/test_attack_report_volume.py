@@ -102,6 +102,7 @@ def test_attack_one_workloads_reports_cannot_add_unbounded_flow_rows(
     assert len(many) == 1 and many[0]["src"] == WEB and many[0]["dst"] == PROC and "(40 ports)" in many[0]["port"]
 
 
+@pytest.mark.slow
 def test_attack_suggest_answers_when_flows_would_expand_past_the_loader_limit(wiring: LocalWiring) -> None:
     """Ten such reports (19,325 rows) made GET /admin/suggest raise AssertionError for every
     operator ("document expands to more than 200000 values"). The rows are stored here as the

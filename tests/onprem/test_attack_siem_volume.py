@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ringfence.local.wiring import LocalWiring
 from ringfence.siem import DROP_BUDGET, Siem
 from ringfence.siem.sinks import parse
@@ -67,6 +69,7 @@ def _big_report(now: float) -> tuple[str, int]:
     return json.dumps({"drops": drops}, separators=(",", ":")), len(drops)
 
 
+@pytest.mark.slow
 def test_attack_a_workloads_drop_report_cannot_multiply_siem_volume(wiring: LocalWiring, tmp_path: Path) -> None:
     """One 256 KiB report of 1,773 drops to distinct ports became 1,773 events per sink: ~1.5 MB
     of OCSF (5.9x the request) and 0.6 MB of CEF, with no bound per workload. Now the workload's
@@ -152,6 +155,7 @@ def test_folded_drops_carry_their_count_and_first_and_last_time(wiring: LocalWir
     assert f"cnt=6 start={ms(t)} end={ms(t + 9)}" in lines[0] and "dpt=443" in lines[0] and "spt=" not in lines[0]
 
 
+@pytest.mark.slow
 def test_drop_events_held_back_by_the_budget_are_counted_as_a_metric(tmp_path: Path) -> None:
     """The drop budget's suppressed events are counted through the wiring's metric (serve's
     counters, shown on GET /metrics; on AWS the agent-API function's CloudWatch metric): one

@@ -56,6 +56,7 @@ def objects_full(server: Server) -> Iterator[Callable[[], None]]:
         subprocess.run(["umount", "-l", str(objects)], check=False, capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_quarantine_acknowledged_while_objects_is_full_reaches_the_agent_once_there_is_room(
     server: Server,
     paired_agent: Callable[..., AgentProcess],

@@ -166,6 +166,7 @@ def _elements(elem: list[Any]) -> list[str]:
 
 
 @needs_lab
+@pytest.mark.slow
 def test_a_tampered_kernel_is_a_finding_and_a_silent_agent_too(net: NetLab, tmp_path: Path) -> None:
     net.reset("h")
     srv = Serve(net, tmp_path)

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.agentproc import BIN
 from tests.onprem.conftest import policy_files, provision_estate
@@ -47,6 +48,7 @@ def claimed_not_done(db: sqlite3.Connection, seen: int) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_kill_9_between_an_admin_change_and_its_record_leaves_no_false_record(server: Server) -> None:
     provision_estate(server)
     assert server.proc is not None

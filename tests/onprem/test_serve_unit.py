@@ -37,6 +37,7 @@ def test_the_serve_unit_is_one_systemd_accepts_and_its_command_the_cli_takes(tmp
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.slow
 def test_serve_user_runs_within_the_units_capabilities_and_says_which_are_missing(
     tmp_path: Path, state_dir: Path
 ) -> None:

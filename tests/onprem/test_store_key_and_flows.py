@@ -80,6 +80,7 @@ def signed_by(path: Path, public: Path) -> bool:
 # --- 1: the signing key ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_lost_signing_key_beside_a_store_with_data_stops_the_start(served: Serve, tmp_path: Path) -> None:
     """signing-key.pem deleted (a restore without it, a wrong `rm`) beside a store holding an
     estate: serve generated a new key that no enrolled agent accepts, and every later bundle was
@@ -135,6 +136,7 @@ def test_a_lost_signing_key_beside_a_store_with_data_stops_the_start(served: Ser
     )
 
 
+@pytest.mark.slow
 def test_the_key_is_still_made_for_a_store_that_holds_nothing(served: Serve) -> None:
     """Generated as before where nothing was signed yet: a store started once with nothing in it,
     and a new store asked for with --new-store in place of a lost one (its agents pair again)."""

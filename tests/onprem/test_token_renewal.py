@@ -40,6 +40,7 @@ def short_token_server(
     s.stop()
 
 
+@pytest.mark.slow
 def test_a_real_agent_renews_its_token_past_expiry_and_keeps_fetching(
     short_token_server: Server, tmp_path: Path
 ) -> None:

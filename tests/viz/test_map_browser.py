@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ringfence.policy import load_policy
 from ringfence.viz.depmap import build_map
 from ringfence.viz.render import to_html
@@ -47,6 +49,7 @@ def test_the_html_map_in_headless_chromium(policy, tmp_path: Path) -> None:  # t
         assert browser.console_errors(d) == []
 
 
+@pytest.mark.slow
 def test_two_thousand_app_groups_load(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
