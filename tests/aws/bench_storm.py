@@ -19,18 +19,26 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-
-def run(instances: int, baseline: int = 0, publish_workers: int = 3) -> dict[str, Any]:
+if TYPE_CHECKING:
     from ringfence.local.aws import EmbeddedAws
+
+
+def run(instances: int, baseline: int = 0, publish_workers: int = 3, aws: EmbeddedAws | None = None) -> dict[str, Any]:
+    """``aws``: an embedded AWS already started (the tests' session one: reset here, left
+    running); None: one of its own, started and stopped."""
+    from ringfence.local import aws as embedded
     from tests.aws import conftest as c
 
-    aws = EmbeddedAws(region=c.REGION, account=c.ACCOUNT)
-    aws.start(build=False)
+    own = aws is None
+    if aws is None:
+        aws = embedded.EmbeddedAws(region=c.REGION, account=c.ACCOUNT)
+        aws.start(build=False)
+    metrics_env = os.environ.get("POWERTOOLS_METRICS_DISABLED")
     os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
+    env = c.Env(aws)
     try:
-        env = c.Env(aws)
         env.build()
         env.provision_example_policy()
         est = env.estate()
@@ -229,7 +237,15 @@ def run(instances: int, baseline: int = 0, publish_workers: int = 3) -> dict[str
             },
         }
     finally:
-        aws.stop()  # restores the environment
+        env.retire()
+        for client in (env.ec2, env.asg, env.sqs, env.s3, env.events, env.ddb.meta.client):
+            client.close()
+        if own:
+            aws.stop()  # restores the environment
+        elif metrics_env is None:
+            os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
+        else:
+            os.environ["POWERTOOLS_METRICS_DISABLED"] = metrics_env
         from ringfence.clouds.aws import clients
 
         clients.reset()
