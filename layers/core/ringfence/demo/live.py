@@ -530,7 +530,9 @@ class Live:
         ``settle`` seconds (longer than the router's watch interval, so its last look is in)."""
         deadline = time.monotonic() + timeout
         quiet_since: float | None = None
-        seen = -1
+        # the handlers invoked so far: the first look's count, not one that always differs (a
+        # quiet pipeline was a poll later to be seen quiet, a quarter second at every wait)
+        seen = len(self.router.deliveries)
         sqs = self.aws.client("sqs")
 
         def queued(key: str) -> int:

@@ -560,7 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("waitress").setLevel(logging.ERROR)  # "task queue depth" warnings under a storm
 
     def stop(*_: object) -> None:
-        raise SystemExit(0)  # in the main thread: waitress's loop ends and stops its workers
+        # at once: moto's state dies with the process anyway, and an orderly interpreter exit
+        # took ~2 s (0.4 s of it CPU) after waitress's loop ended, which every stop waited for
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
 
