@@ -31,9 +31,11 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from ringfence.local.httpd import LabHTTPServer
 
 PAGE_SIZE = 50
 # ARM's rule for ASG and NSG names (1-80 characters; alphanumerics, _ . -; starting alphanumeric,
@@ -126,8 +128,7 @@ class ArmServer:
             def do_DELETE(self) -> None:
                 self._handle("DELETE")
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = LabHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self._server.server_address[1]}"
         self._thread: threading.Thread | None = None
 

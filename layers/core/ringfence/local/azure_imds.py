@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
+
+from ringfence.local.httpd import LabHTTPServer
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -129,8 +131,7 @@ class AzureImds:
                     return self._answer(400, {"error": "nonce: up to 32 alphanumeric characters"})
                 self._answer(200, {"encoding": "pkcs7", "signature": imds.ca.document(*who, nonce)})
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = LabHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self._server.server_address[1]}"
 
     def __enter__(self) -> AzureImds:

@@ -48,12 +48,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from ringfence.local.httpd import LabHTTPServer
 
 GOOGLE_ISSUER = "https://accounts.google.com"
 # the zones the local API has (GCE's, of the regions the tests use): any other zone answers 404
@@ -146,8 +148,7 @@ class GcpApi:
         self.down_zones: set[str] = set()  # zones whose own instances.list fails too (500)
         # the zones that exist (a zone a VM is added to exists too): any other answers 404
         self.zones: set[str] = set(ZONES)
-        self._server = ThreadingHTTPServer((host, port), self._handler())
-        self._server.daemon_threads = True
+        self._server = LabHTTPServer((host, port), self._handler())
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from ringfence.local.httpd import LabHTTPServer
 
 IMDS_ADDRESS = "169.254.169.254"
 TOKEN_TTL_MAX = 21600
@@ -94,8 +96,7 @@ class Imds:
                 else:
                     self._send(404)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = LabHTTPServer((host, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="imds", daemon=True)
 
     def start(self) -> Imds:
