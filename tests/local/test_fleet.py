@@ -28,7 +28,7 @@ def test_terminated_instances_power_off_together_and_new_ones_boot_in_the_same_l
 
     estate = {f"i-old{k}": EstateInstance("running", f"10.0.0.{k}", {"Name": f"old-{k}"}) for k in range(5)}
     fleet = Fleet(
-        FleetConfig(api_url="http://127.0.0.1:9", public_key=tmp_path / "k.pem", workdir=tmp_path),
+        FleetConfig(api_url="http://127.0.0.1:9", public_key=tmp_path / "k.pem", workdir=tmp_path, fork_agents=False),
         lambda: Estate(instances=dict(estate), groups={}),
         lab=None,
         traffic=None,

@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--agent-start",
         choices=("fork", "exec"),
         default="fork",
-        help="live, with namespaces: fork each instance's agent from one process that has imported the agent "
-        "(default; a VM starts its agent on its own CPU, the lab on two shared cores), or exec "
-        "`ringfence-agent` through `ip netns exec` for each",
+        help="live: fork each instance's agent from one process that has imported the agent (default; a VM "
+        "starts its agent on its own CPU, the lab on two shared cores), or exec `ringfence-agent` for each "
+        "(through `ip netns exec` with namespaces)",
     )
     p.add_argument("--repeat", type=int, default=5, help="--bench: samples per single-event kind (default 5)")
     p.add_argument(

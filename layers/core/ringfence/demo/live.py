@@ -35,6 +35,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -101,7 +102,7 @@ class Live:
         self, example: Path, out: Path, report: Report, dry_run: bool = False, agent_start: str = "fork"
     ) -> None:
         self.dry_run = dry_run  # no namespaces, no firewall: agents in this namespace, checks on bundles
-        self.agent_start = agent_start  # lab agents: "fork" (ringfence.local.agentfork) or "exec"
+        self.agent_start = agent_start  # agents: "fork" (ringfence.local.agentfork) or "exec"
         self.cp_host = "127.0.0.1" if dry_run else CP_ADDRESS
         self.serve_port = _free_port() if dry_run else SERVE_PORT
         # serve speaks HTTPS with a certificate of the lab's own CA, which agents and the demo verify
@@ -213,6 +214,7 @@ class Live:
                 backend="dry-run",
                 imds_url=f"http://127.0.0.1:{port}",
                 tls_ca_file=self.tls.ca,
+                fork_agents=self.agent_start == "fork",
             )
         # the operators' console on the bastion range (the policy's admin_cidrs), no agent: a
         # quarantined host must still answer it over SSH
@@ -349,28 +351,38 @@ class Live:
         self.r.say(f"policy version {body.get('version')} provisioned through the admin API ({len(files)} files)")
 
     def close(self) -> None:
-        """Everything this run started, in reverse; never raises."""
-        steps: list[Callable[[], None]] = []
+        """Everything this run started, in reverse; never raises. What talks to moto stops first,
+        side by side (each mostly waits: agents their grace, serve its long-polls' graceful end,
+        the router its pollers' long polls), then moto and the other clouds, then the lab."""
+        talking: list[Callable[[], None]] = []
         if self.fleet is not None:
-            steps.append(self.fleet.stop)
-        if self.router is not None:
-            steps.append(self.router.stop)
-        if self.wiring is not None:
-            steps.append(self.wiring.close)
+            talking.append(self.fleet.stop)
+        if self.router is not None or self.wiring is not None:
+            talking.append(self._stop_router)
         if self.imds is not None:
-            steps.append(self.imds.stop)
+            talking.append(self.imds.stop)
         if self.serve is not None:
-            steps.append(self._stop_serve)  # before moto: its head watch would read a stopped server
+            talking.append(self._stop_serve)  # before moto: its head watch would read a stopped server
+        served: list[Callable[[], None]] = []
         if self.aws is not None:
-            steps.append(self.aws.stop)
+            served.append(self.aws.stop)
         if self.clouds is not None:
-            steps.append(self.clouds.stop)
+            served.append(self.clouds.stop)
+        _at_once(talking)
+        _at_once(served)
         if self.lab is not None:
-            steps.append(self.lab.close)  # kills serve, the probe processes, whatever is left inside
-        steps.append(self._kill_own)
-        for fn in steps:
             with contextlib.suppress(BaseException):
-                fn()
+                self.lab.close()  # kills serve, the probe processes, whatever is left inside
+        with contextlib.suppress(BaseException):
+            self._kill_own()
+
+    def _stop_router(self) -> None:
+        try:
+            if self.router is not None:
+                self.router.stop()
+        finally:
+            if self.wiring is not None:
+                self.wiring.close()
 
     def _stop_serve(self) -> None:
         assert self.serve is not None
@@ -380,6 +392,12 @@ class Live:
                 self.serve.wait(timeout=5)
 
     def _kill_own(self) -> None:
+        # dry-run agents forked by the template: each in a session of its own, not among procs
+        agents = [] if self.fleet is None else [*self.fleet.instances.values(), *self.fleet.gone.values()]
+        for inst in agents:
+            if inst.agent is not None and inst.agent not in self.procs and inst.agent.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(inst.agent.pid, signal.SIGKILL)
         for p in self.procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -772,6 +790,23 @@ class Live:
         InService instances."""
         static = [self.iid(n) for n in ("ord-prod-web-1", "ord-prod-web-2")]
         return static + [i for i, st in self.asg_states().items() if st == "InService"]
+
+
+def _at_once(fns: list[Callable[[], None]]) -> None:
+    """Run ``fns`` side by side and wait for all; never raises (a Ctrl-C while waiting does not
+    cut the wait short: what is being stopped is stopped)."""
+
+    def quietly(fn: Callable[[], None]) -> None:
+        with contextlib.suppress(BaseException):
+            fn()
+
+    threads = [threading.Thread(target=quietly, args=(fn,), name="demo-close", daemon=True) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            with contextlib.suppress(BaseException):
+                t.join()
 
 
 def _free_port() -> int:
@@ -1241,7 +1276,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     agent_start = getattr(args, "agent_start", "fork")
-    report = Report(out, "dry-run" if why_not else "nftables", agent_start=None if why_not else agent_start)
+    report = Report(out, "dry-run" if why_not else "nftables", agent_start=agent_start)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None, agent_start=agent_start)
     dependency_map: dict[str, Any] | None = None

@@ -64,7 +64,7 @@ class Report:
     def __init__(self, out: Path, mode: str, quiet: bool = False, agent_start: str | None = None) -> None:
         self.out = out
         self.mode = mode
-        self.agent_start = agent_start  # how lab agents were started: "fork", "exec"; None without a lab
+        self.agent_start = agent_start  # how the agents were started: "fork", "exec"
         self.started = time.time()
         self.steps: list[Step] = []
         self.samples: list[Sample] = []

@@ -69,9 +69,10 @@ class FleetConfig:
     wait_timeout: float = 25.0
     extra_routes: tuple[str, ...] = (f"{IMDS_ADDRESS}/32",)
     tls_ca_file: Path | None = None  # the CA the control plane's certificate chains to (a lab's own)
-    # lab agents forked from one process that has imported the agent (ringfence.local.agentfork)
-    # rather than each exec'd through `ip netns exec`: the same agent, without 50 interpreter
-    # starts on the lab's cores during a scale-out
+    # agents forked from one process that has imported the agent (ringfence.local.agentfork)
+    # rather than each exec'd (through `ip netns exec` in a lab): the same agent, without 50
+    # interpreter starts on the lab's cores during a scale-out; without a lab (dry-run agents) the
+    # template is started through the fleet's start_process and its children stay in this namespace
     fork_agents: bool = True
 
 
@@ -202,8 +203,9 @@ class Fleet:
         }
         (d / "agent.json").write_text(json.dumps(cfg, indent=1))
         args = ["run", "--config", str(d / "agent.json")]
-        if self.lab is not None and self.cfg.fork_agents:
-            inst.agent = self._agent_forks().spawn(args, self.lab.ns(host), d / "agent.log")
+        if self.cfg.fork_agents:
+            netns = self.lab.ns(host) if self.lab is not None else None  # None: dry-run agents, in ours
+            inst.agent = self._agent_forks().spawn(args, netns, d / "agent.log")
         else:
             logf = (d / "agent.log").open("w")
             if self.lab is not None:
@@ -219,10 +221,9 @@ class Fleet:
         return inst
 
     def _agent_forks(self) -> AgentForks:
-        assert self.lab is not None
         with self.lock:
             if self._forks is None:
-                self._forks = AgentForks(self.lab.start)
+                self._forks = AgentForks(self.lab.start if self.lab is not None else self.start_process)
             return self._forks
 
     def _imds_url(self, iid: str) -> str:
