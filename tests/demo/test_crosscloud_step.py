@@ -1,9 +1,10 @@
 """Step 6 of ``ringfence demo`` (cross-cloud) reports a failed expectation: the step fails with the
 check that failed (expected and got) in ``out/summary.json``, and the demo exits 1.
 
-The demo runs dry (no root needed) in a subprocess with steps 1–5 left out and the Azure VM
-mis-tagged ``role=web`` from the start: the policy does not let web reach the database, so the
-step's first flow (Azure → the ordering database on 5432, expected allowed) is blocked."""
+The demo runs dry (no root needed) in a subprocess, step 6 alone (``--steps 6``) on the instances
+it uses (``--instances used``: 4 of the example's 20), with the Azure VM mis-tagged ``role=web``
+from the start: the policy does not let web reach the database, so the step's first flow (Azure →
+the ordering database on 5432, expected allowed) is blocked."""
 
 from __future__ import annotations
 
@@ -20,11 +21,8 @@ _RUN = """
 import argparse, sys
 from ringfence.demo import crosscloud, live
 
-for name in ("step_tiers", "step_retag", "step_quarantine", "step_release_and_scale_in"):
-    setattr(live, name, lambda *a: None)
-live.step_scale_out = lambda *a: []
 crosscloud.AZURE_TAGS = {**crosscloud.AZURE_TAGS, "ringfence:role": "web"}  # web may not reach the database
-args = argparse.Namespace(out=sys.argv[1], dry_run=True, example=None, bench=False)
+args = argparse.Namespace(out=sys.argv[1], dry_run=True, example=None, bench=False, steps="6", instances="used")
 sys.exit(live.run(args))
 """
 
@@ -37,6 +35,7 @@ def test_a_failed_cross_cloud_expectation_fails_the_step_and_the_demo(tmp_path: 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["passed"] is False
     steps = {s["number"]: s for s in summary["steps"]}
+    assert set(steps) == {0, 6} and steps[0]["timings"]["instances"] == 4
     assert steps[0]["passed"] and steps[6]["passed"] is False
     assert steps[6]["error"] is None, "an expectation failed, not the step's code"
     checks = {c["what"]: c for c in steps[6]["checks"]}

@@ -1,5 +1,7 @@
 """``ringfence demo --dry-run`` (what runs without root): the same loop with dry-run agents in
-this namespace; every step's checks are judged on the plans the agents applied."""
+this namespace; every step's checks are judged on the plans the agents applied. Every step runs,
+on the example's instances they probe or change (``--instances used``: 12 of 20, the 8 that no
+step names left out); the whole estate is the live demo's test (``test_live.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ RINGFENCE = Path(sys.executable).parent / "ringfence"
 
 def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(RINGFENCE), "demo", "--dry-run", "--out", str(tmp_path)],
+        [str(RINGFENCE), "demo", "--dry-run", "--instances", "used", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -26,9 +28,9 @@ def test_the_dry_run_demo_passes_on_the_agents_applied_bundles(tmp_path: Path) -
     assert proc.stdout.splitlines()[0].startswith("ringfence demo: --dry-run: dry-run agents"), proc.stdout[:500]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert summary["passed"] is True and summary["mode"] == "dry-run"
+    assert summary["passed"] is True and summary["mode"] == "dry-run" and summary["agent_start"] == "fork"
     steps = {s["number"]: s for s in summary["steps"]}
-    assert set(steps) == {0, 1, 2, 3, 4, 5, 6}
+    assert set(steps) == {0, 1, 2, 3, 4, 5, 6} and steps[0]["timings"]["instances"] == 12
     assert all(s["passed"] for s in steps.values()), [s for s in steps.values() if not s["passed"]]
     assert {c["got"] for c in steps[1]["checks"]} == {"allowed", "blocked"}
     assert any(c["what"] == "its agent applied the quarantine bundle" and c["passed"] for c in steps[4]["checks"])

@@ -27,6 +27,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "on the bundles they applied",
     )
     p.add_argument(
+        "--steps",
+        metavar="LIST",
+        help="live: only these of steps 1-6, comma-separated, after the start (step 0, always run); a step "
+        "brings the ones it builds on (4 needs 3's retag, 5 releases 4's quarantine and scales in what 2 "
+        "launched). Default: all",
+    )
+    p.add_argument(
+        "--instances",
+        choices=("all", "used"),
+        default="all",
+        help="live: create all of the example's instances (default, 20), or only those the steps run probe "
+        "or change (12 for all steps, 4 for --steps 6): a shorter start",
+    )
+    p.add_argument(
         "--agent-start",
         choices=("fork", "exec"),
         default="fork",

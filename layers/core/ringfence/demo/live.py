@@ -99,8 +99,15 @@ class Flow:
 
 class Live:
     def __init__(
-        self, example: Path, out: Path, report: Report, dry_run: bool = False, agent_start: str = "fork"
+        self,
+        example: Path,
+        out: Path,
+        report: Report,
+        dry_run: bool = False,
+        agent_start: str = "fork",
+        instances: list[str] | None = None,
     ) -> None:
+        self.instances = instances  # the example's instances to create (None: all of them)
         self.dry_run = dry_run  # no namespaces, no firewall: agents in this namespace, checks on bundles
         self.agent_start = agent_start  # agents: "fork" (ringfence.local.agentfork) or "exec"
         self.cp_host = "127.0.0.1" if dry_run else CP_ADDRESS
@@ -166,7 +173,7 @@ class Live:
         # serve starts (a Python process importing boto3 and the routes: seconds) while the estate
         # is built; it is waited for before the router needs it
         self._launch_serve()
-        workloads = example_workloads(self.example)
+        workloads = example_workloads(self.example, self.instances)
         # tagged by the example policy's allowed tagger (labels.taggers), as the guard rail requires
         tagger = self.aws.client_as("ec2", TAGGER_ROLE)
         self.est = build_estate(tagger, self.aws.client("autoscaling"), workloads, self.aws.region)
@@ -174,6 +181,7 @@ class Live:
         r.say(
             f"estate: {len(self.est.vpcs)} VPCs, {len(self.est.subnets)} subnets, {len(self.est.instances)} instances, "
             f"Auto Scaling group {ASG_NAME} (launch lifecycle hook); label tags (ringfence:*) set by role {TAGGER_ROLE}"
+            + ("" if self.instances is None else "; --instances used: the example's instances the steps use")
         )
         pub = self.work / "bundle-signing.pub.pem"
         pub.write_bytes(self.aws.signing_key.public_pem())
@@ -841,6 +849,68 @@ def _applied(inst: Instance) -> int:
     return int(v) if isinstance(v, int) else -1
 
 
+# --- which steps, on which instances ---------------------------------------------------------------
+
+STEPS = (1, 2, 3, 4, 5, 6)  # after step 0, the start, which always runs
+# steps that build on others: 4's flows need 3's fixed tag (ord-prod-web-9 env=prod); 5 releases
+# 4's quarantine and scales in what 2 launched
+BUILDS_ON: dict[int, tuple[int, ...]] = {4: (3,), 5: (2, 4)}
+# the example's instances each step probes or changes: ``--instances used`` creates only these
+STEP_INSTANCES: dict[int, tuple[str, ...]] = {
+    1: (
+        "ord-prod-lb-1",
+        "ord-prod-web-1",
+        "ord-prod-web-9",
+        "ord-prod-proc-1",
+        "ord-prod-db-1",
+        "ord-dev-web-1",
+        "ord-dev-proc-1",
+        "pay-prod-db-1",
+        "core-dns-1",
+        "admin-jump-1",
+    ),
+    2: ("ord-prod-lb-1", "ord-prod-proc-1", "ord-dev-web-1", "pay-prod-db-1"),
+    3: (
+        "ord-prod-lb-1",
+        "ord-prod-web-2",
+        "ord-prod-web-9",
+        "ord-prod-proc-1",
+        "ord-prod-db-1",
+        "ord-dev-web-1",
+        "pay-prod-db-1",
+    ),
+    4: ("ord-prod-lb-1", "ord-prod-web-1", "ord-prod-web-9", "ord-prod-proc-1", "ord-prod-db-1"),
+    5: ("ord-prod-lb-1", "ord-prod-web-1", "ord-prod-web-2", "ord-prod-proc-1"),
+    6: ("ord-prod-proc-1", "ord-prod-db-1", "ord-dev-db-1", "pay-prod-db-1"),
+}
+
+
+def selected_steps(spec: str | None) -> tuple[int, ...]:
+    """``--steps`` (comma-separated numbers of :data:`STEPS`; None: all): those steps and the ones
+    they build on (:data:`BUILDS_ON`), in order. ValueError names what is wrong."""
+    if spec is None:
+        return STEPS
+    try:
+        asked = {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+        asked = set()
+    if not asked or not asked <= set(STEPS):
+        raise ValueError(f"--steps {spec!r}: give step numbers of {', '.join(map(str, STEPS))}, comma-separated")
+    todo: set[int] = set()
+    more = sorted(asked)
+    while more:
+        n = more.pop()
+        if n not in todo:
+            todo.add(n)
+            more.extend(BUILDS_ON.get(n, ()))
+    return tuple(n for n in STEPS if n in todo)
+
+
+def used_instances(steps: tuple[int, ...]) -> list[str]:
+    """The example's instances ``steps`` probe or change (``--instances used``)."""
+    return sorted({name for n in steps for name in STEP_INSTANCES[n]})
+
+
 # --- the steps -------------------------------------------------------------------------------------
 
 
@@ -1268,6 +1338,14 @@ def _covers(spans: list[tuple[int, int]], ip: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or "out").resolve()  # the agents read their config relative to its own directory
+    spec, instances = getattr(args, "steps", None), getattr(args, "instances", "all")
+    try:
+        if args.bench and (spec is not None or instances != "all"):
+            raise ValueError("--steps and --instances are for the walkthrough, not --bench")
+        steps = selected_steps(spec)
+    except ValueError as exc:
+        print(f"ringfence demo: {exc}", file=sys.stderr)
+        return 2
     why_not = "--dry-run" if getattr(args, "dry_run", False) else prerequisites()
     if why_not is not None:
         print(
@@ -1275,10 +1353,25 @@ def run(args: argparse.Namespace) -> int:
             "sent; each check is judged on the bundles the agents applied (root with nftables runs it for real)",
             flush=True,
         )
+    if steps != STEPS:
+        asked = {int(x) for x in (spec or "").split(",") if x.strip()}
+        added = ", ".join(str(n) for n in steps if n not in asked)
+        print(
+            f"ringfence demo: steps {', '.join(map(str, steps))} after the start"
+            + (f" ({added}: what the others build on)" if added else ""),
+            flush=True,
+        )
     agent_start = getattr(args, "agent_start", "fork")
     report = Report(out, "dry-run" if why_not else "nftables", agent_start=agent_start)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    demo = Live(example_dir(args.example), out, report, dry_run=why_not is not None, agent_start=agent_start)
+    demo = Live(
+        example_dir(args.example),
+        out,
+        report,
+        dry_run=why_not is not None,
+        agent_start=agent_start,
+        instances=used_instances(steps) if instances == "used" else None,
+    )
     dependency_map: dict[str, Any] | None = None
     try:
         try:
@@ -1291,14 +1384,19 @@ def run(args: argparse.Namespace) -> int:
 
                     bench(demo, args)
                 else:
-                    step_tiers(demo)
-                    new = step_scale_out(demo)
-                    step_retag(demo, new)
-                    step_quarantine(demo)
-                    step_release_and_scale_in(demo, new)
-                    from ringfence.demo.crosscloud import step_cross_cloud
+                    if 1 in steps:
+                        step_tiers(demo)
+                    new = step_scale_out(demo) if 2 in steps else []
+                    if 3 in steps:
+                        step_retag(demo, new)
+                    if 4 in steps:
+                        step_quarantine(demo)
+                    if 5 in steps:
+                        step_release_and_scale_in(demo, new)
+                    if 6 in steps:
+                        from ringfence.demo.crosscloud import step_cross_cloud
 
-                    step_cross_cloud(demo)
+                        step_cross_cloud(demo)
                     try:
                         dependency_map = write_map(demo)
                     except Exception as exc:  # the map is a view: its failure is noted, not the demo's
