@@ -270,9 +270,11 @@ def test_admin_binding_grants_a_held_move_and_is_audited(env: Env) -> None:
     assert bound.principal.endswith("user/alice") and bound.reason == "INC-42"
 
 
-def quarantine_mode_with_a_dev_web(env: Env) -> str:
+def quarantine_mode_with_a_dev_web(env: Env, bystanders: bool = True) -> str:
     """The example policy provisioned under ``on_privileged_change: quarantine`` (the real admin
-    route), the estate running, and one more web instance in env dev: its id."""
+    route), the estate running, and one more web instance in env dev: its id. ``bystanders``
+    False: the dev box alone, for a test about it only (five workloads fewer to ingest, place in
+    perimeter groups and publish a bundle for)."""
     from tests.aws.conftest import LABEL_TESTS, POLICY_DIR
 
     files = {p.name: p.read_text() for p in sorted(POLICY_DIR.glob("*.yaml")) if p.name != "tests.yaml"}
@@ -282,14 +284,35 @@ def quarantine_mode_with_a_dev_web(env: Env) -> str:
     files["tests.yaml"] = LABEL_TESTS
     status, _, body = env.rest("admin", "POST", "/admin/policies", {"files": files, "reason": "quarantine mode"})
     assert status == 201, body
-    est = env.estate()
-    for ids in est["ids"].values():
-        for iid in ids:
-            env.put(env.state_event(iid, "running"))
-    [dev] = est["run"]("web", est["subnets"]["web"], 1, env="dev")
+    if bystanders:
+        est = env.estate()
+        for ids in est["ids"].values():
+            for iid in ids:
+                env.put(env.state_event(iid, "running"))
+        [dev] = est["run"]("web", est["subnets"]["web"], 1, env="dev")
+    else:
+        dev = a_dev_web_alone(env)
     env.put(env.state_event(dev, "running"))
     env.pump()
     return str(dev)
+
+
+def a_dev_web_alone(env: Env) -> str:
+    """One web instance in env dev (tagged as ``Env.estate`` tags its instances), in a VPC of its own."""
+    from ringfence.local.estate import lab_image
+
+    vpc = env.ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    subnet = env.ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.1.0/24", AvailabilityZone=f"{REGION}a")["Subnet"]
+    tags = {"ringfence:role": "web", "ringfence:app": "ordering", "ringfence:env": "dev"}
+    [inst] = env.ec2.run_instances(
+        ImageId=lab_image(env.ec2),
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.micro",
+        SubnetId=subnet["SubnetId"],
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )["Instances"]
+    return str(inst["InstanceId"])
 
 
 def test_quarantine_on_finding_when_configured(env: Env) -> None:

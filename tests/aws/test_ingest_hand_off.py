@@ -149,7 +149,7 @@ def test_a_finding_whose_audit_write_fails_is_reported_and_quarantined_on_redeli
     event holds the move, the CloudTrail call names the developer. The finding's ``label.held``
     record is refused once: the event fails and is delivered again. The redelivery finds the move
     held as stored: the finding must still be audited and the box quarantined."""
-    dev = quarantine_mode_with_a_dev_web(env)
+    dev = quarantine_mode_with_a_dev_web(env, bystanders=False)
     tag_seen_alone(env, dev, ESCALATION, 2)
     assert env.store.get(dev).workload.held_labels is not None, "held until the call's event names its caller"
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", audit_write)
@@ -168,7 +168,7 @@ def test_a_findings_quarantine_is_never_in_force_without_its_record_and_each_is_
     """As above, the write of the quarantine's own ``workload.quarantine`` record refused once
     (after ``label.held`` was written). The quarantine is made with its record or not at all, and
     the redelivery, which reports the finding again, writes each record once."""
-    dev = quarantine_mode_with_a_dev_web(env)
+    dev = quarantine_mode_with_a_dev_web(env, bystanders=False)
     tag_seen_alone(env, dev, ESCALATION, 2)
 
     refused = refuse_once(env, "before-parameter-build.dynamodb.TransactWriteItems", quarantine_record)
@@ -196,7 +196,7 @@ def test_attack_a_cloudtrail_events_redelivery_after_a_release_neither_quarantin
     table answers a copy of a processed event; one that failed after its report is decided again.)"""
     from tests.aws.test_admin_not_queued import RESPONDER
 
-    dev = quarantine_mode_with_a_dev_web(env)
+    dev = quarantine_mode_with_a_dev_web(env, bystanders=False)
     move = {"ringfence:role": "jumpbox"}
     tag_seen_alone(env, dev, move, 2)
     env.put(create_tags_event(dev, move, DEVELOPER))
@@ -287,7 +287,7 @@ def test_attack_a_who_only_events_redelivery_after_a_release_blames_nobody_for_a
     answers (who only) for every move held now: before, the finding's record id was derived from
     those, and the redelivery wrote a second ``label.held`` blaming the developer for app=admin
     and logged the finding "quarantined" again for the released box."""
-    dev = quarantine_mode_with_a_dev_web(env)
+    dev = quarantine_mode_with_a_dev_web(env, bystanders=False)
     tag_seen_alone(env, dev, {"ringfence:role": "jumpbox", "owner": "x"}, 2)
     env.ec2.delete_tags(Resources=[dev], Tags=[{"Key": "owner"}])
     event = create_tags_event(dev, {"owner": ""}, DEVELOPER)
@@ -314,7 +314,7 @@ def test_attack_an_events_redelivery_after_a_grant_shrank_its_moves_reports_noth
     again for the released box."""
     from tests.aws.test_admin_bind import AUTHORS, bind
 
-    dev = quarantine_mode_with_a_dev_web(env)
+    dev = quarantine_mode_with_a_dev_web(env, bystanders=False)
     move = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
     tag_seen_alone(env, dev, move, 2)
     body = delivered(env, create_tags_event(dev, move, DEVELOPER), "CreateTags")
@@ -339,7 +339,7 @@ def test_a_redelivery_completing_a_report_logs_what_the_findings_record_says(env
     its record says (both moves), not as the event is decided again."""
     from tests.aws.test_admin_bind import AUTHORS, bind
 
-    dev = quarantine_mode_with_a_dev_web(env)
+    dev = quarantine_mode_with_a_dev_web(env, bystanders=False)
     move = {"ringfence:role": "jumpbox", "ringfence:app": "admin"}
     tag_seen_alone(env, dev, move, 2)
 
