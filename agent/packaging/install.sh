@@ -127,7 +127,7 @@ if [ -n "$NEED" ]; then
   fi
 fi
 # --- end prerequisites
-# --- artifact: fetch (HTTPS only) or take the local copy, check its digest, install it offline
+# --- artifact: fetch (HTTPS only) or take the local copy and check its digest (installed below)
 case "$ARTIFACT_SHA256" in
   *[!0-9a-f]*|"") echo "install.sh: --artifact-sha256 must be the artifact's SHA-256 (64 lower-case hex digits)" >&2; exit 2 ;;
 esac
@@ -156,18 +156,11 @@ if [ "$GOT" != "$ARTIFACT_SHA256" ]; then
   echo "install.sh: $(basename "$ARTIFACT") has SHA-256 $GOT, not $ARTIFACT_SHA256: refused, nothing installed" >&2
   exit 3
 fi
-python3 -m venv "$PREFIX"
-"$PREFIX/bin/pip" install -q --no-index --no-deps --force-reinstall "$ARTIFACT"
 # --- end artifact
-
-install -d -m 0755 /etc/ringfence
-if [ -z "$WORKLOAD_ID" ]; then
-  TOKEN=$(curl -fsS -m 2 -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' 2>/dev/null || true)
-  [ -n "$TOKEN" ] && WORKLOAD_ID=$(curl -fsS -m 2 -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id 2>/dev/null || true)
-  [ -n "$WORKLOAD_ID" ] || WORKLOAD_ID=$(hostname)
-fi
-# --- pinned key: into the temp dir first, checked to be a PEM public key the agent loads, then
-# renamed into place (a cut download never leaves a truncated pin)
+# --- pinned key: into the temp dir first, checked to be a PEM public key the agent loads (the
+# checked artifact's own code, before anything is installed: a refused key leaves the host as it
+# was, its installed agent and its pin), then renamed into place (a cut download never leaves a
+# truncated pin)
 PIN=/etc/ringfence/signing-key.pem
 NEWKEY=""
 if [ -n "$PUBKEY_FILE" ]; then NEWKEY="$PUBKEY_FILE"
@@ -183,13 +176,25 @@ elif [ -n "$PUBKEY_URL" ]; then
   fi
 elif [ ! -f "$PIN" ]; then echo "install.sh: no pinned key (--public-key-file or --public-key-url)" >&2; exit 2
 fi
-if [ -n "$NEWKEY" ]; then
-  "$PREFIX/bin/python" -c 'import sys, pathlib; from ringfence.bundlewire import Verifier; Verifier.from_file(pathlib.Path(sys.argv[1]))' "$NEWKEY" 2>/dev/null || {
-    echo "install.sh: $NEWKEY is not a PEM Ed25519 public key: refused, the pinned key is unchanged" >&2; exit 4; }
+# -I: no cwd, PYTHONPATH or user site on the path; the checked wheel comes first
+[ -z "$NEWKEY" ] || python3 -I -c 'import sys, pathlib; sys.path.insert(0, sys.argv[1]); from ringfence.bundlewire import Verifier; Verifier.from_file(pathlib.Path(sys.argv[2]))' "$ARTIFACT" "$NEWKEY" 2>/dev/null || {
+  echo "install.sh: $NEWKEY is not a PEM Ed25519 public key: refused, nothing installed and the pinned key is unchanged" >&2; exit 4; }
+# --- end pinned key
+# --- install: the checked artifact, offline
+python3 -m venv "$PREFIX"
+"$PREFIX/bin/pip" install -q --no-index --no-deps --force-reinstall "$ARTIFACT"
+# --- end install
+
+install -d -m 0755 /etc/ringfence
+if [ -n "$NEWKEY" ]; then  # the key checked above (--- pinned key)
   install -m 0644 "$NEWKEY" "$PIN.new"
   mv -f "$PIN.new" "$PIN"
 fi
-# --- end pinned key
+if [ -z "$WORKLOAD_ID" ]; then
+  TOKEN=$(curl -fsS -m 2 -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' 2>/dev/null || true)
+  [ -n "$TOKEN" ] && WORKLOAD_ID=$(curl -fsS -m 2 -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id 2>/dev/null || true)
+  [ -n "$WORKLOAD_ID" ] || WORKLOAD_ID=$(hostname)
+fi
 
 # --- the agent's own user (the unit's User=): a system account, no login, no home of its own
 AGENT_USER=ringfence-agent

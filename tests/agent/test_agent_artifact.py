@@ -16,11 +16,14 @@ INSTALLER = ROOT / "agent" / "packaging" / "install.sh"
 
 
 def install(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """The installer's artifact step alone (no root, no systemd), into ``tmp_path/venv``."""
+    """The installer's artifact steps alone (no root, no systemd): fetched or copied, its digest
+    checked, then installed into ``tmp_path/venv``."""
     text = INSTALLER.read_text()
-    block = text.split("# --- artifact", 1)[1].split("# --- end artifact", 1)[0]
+    blocks = "".join(
+        "#" + text.split(f"# --- {step}", 1)[1].split(f"# --- end {step}", 1)[0] for step in ("artifact", "install")
+    )
     assigns = "".join(f"{k}='{v}'\n" for k, v in env.items())
-    script = f"set -eu\nARTIFACT_URL=''\nARTIFACT_FILE=''\nPREFIX='{tmp_path / 'venv'}'\n{assigns}# {block}"
+    script = f"set -eu\nARTIFACT_URL=''\nARTIFACT_FILE=''\nPREFIX='{tmp_path / 'venv'}'\n{assigns}{blocks}"
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=300)
 
 

@@ -270,7 +270,8 @@ def test_attack_public_key_url_neither_repins_another_key_nor_leaves_a_truncated
 ) -> None:
     """Whoever serves the --public-key-url later (or cuts the transfer) must not change the key a
     host pinned at its first install: another key is refused, a cut one is refused, and the pin
-    stays the first key, whole."""
+    stays the first key, whole. A refused key is refused before anything is installed: the agent
+    installed stays as it was (no new code under a running agent that was not restarted)."""
     from ringfence.local.tls import lab_tls
 
     wheel, digest = artifact
@@ -285,16 +286,21 @@ def test_attack_public_key_url_neither_repins_another_key_nor_leaves_a_truncated
         installer=INSTALLER, wheel=wheel, digest=digest, key="--public-key-url https://127.0.0.1:8443/k.pem"
     )
     pin = "/etc/ringfence/signing-key.pem"
+    mark = tmp_path / "first-install-done"
+    # what was written since the first install
+    written = f"{{ find /opt/ringfence-agent /etc/ringfence ! -type d -newer {mark} || echo find failed; }}"
     script = f"""
 {shlex.quote(sys.executable)} {tmp_path / "ks.py"} {served} {tls.cert} {tls.key} >/dev/null 2>&1 &
 KS=$!
 for i in $(seq 50); do curl -fsS -o /dev/null https://127.0.0.1:8443/k.pem 2>/dev/null && break; sleep 0.1; done
-{run} >/dev/null 2>&1; echo "first rc=$?"; cp {pin} {tmp_path / "pin1"}
+{run} >/dev/null 2>&1; echo "first rc=$?"; cp {pin} {tmp_path / "pin1"}; touch {mark}
 cp {tmp_path / "evil.pem"} {served / "k.pem"}
 {run} >/dev/null 2>{tmp_path / "err2"}; echo "other rc=$?"; cp {pin} {tmp_path / "pin2"}
+{written} > {tmp_path / "written2"}
 head -c 40 {tmp_path / "good.pem"} > {served / "k.pem"}
 rm -f {pin}
 {run} >/dev/null 2>{tmp_path / "err3"}; echo "cut rc=$?"; cp {pin} {tmp_path / "pin3"} 2>/dev/null || echo "no pin"
+{written} > {tmp_path / "written3"}
 kill $KS
 """
     done = installsandbox.run(script, tmp_path / "sb", env={"CURL_CA_BUNDLE": str(tls.ca)})
@@ -302,10 +308,12 @@ kill $KS
     assert "first rc=0" in lines and (tmp_path / "pin1").read_bytes() == good, done.stdout + done.stderr
     assert "other rc=0" not in lines and (tmp_path / "pin2").read_bytes() == good, done.stdout
     assert "refused" in (tmp_path / "err2").read_text()
+    assert (tmp_path / "written2").read_text() == "", "the refused run installed over the agent"
     assert evil != good
     # a cut download on a host with no pin yet: refused, never pinned half a key
     assert "cut rc=0" not in lines and "no pin" in lines, done.stdout
     assert "not a PEM Ed25519 public key" in (tmp_path / "err3").read_text()
+    assert (tmp_path / "written3").read_text() == "", "the refused run installed over the agent"
 
 
 @pytest.mark.slow
