@@ -3,18 +3,26 @@ the host: a fresh mount and network namespace where /etc, /opt, /var/lib and /ro
 on a private tmpfs (what the installer writes vanishes with the namespace), and ``systemctl``
 (and, when asked, ``apt-get``) are shims on PATH that log what they were asked into
 ``<scratch>/log``. The test's own temp dir stays the real one, so fixtures and results cross.
-Nothing here changes a ruleset: the agent is never started (systemctl is the shim)."""
+Nothing here changes a ruleset: the agent is never started (systemctl is the shim).
+
+``python3`` is the interpreter the tests run on, started as a host starts it (its own binary, not
+through a version manager's shell shim: pyenv's runs bash and its helpers on each of the
+installer's python3 calls, up to nine a run) and the one whose ensurepip a test hides."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 OVERLAID = ("etc", "opt", "var/lib", "root")
+# the tests' interpreter itself (a venv's base, as POSIX installs name it)
+PYTHON = Path(sys.base_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 SETUP = """set -e
 ip link set lo up
@@ -60,6 +68,9 @@ def run(
             continue
         (shims / name).write_text(SHIM.format(log=log, extra=extra))
         (shims / name).chmod(0o755)
+    if PYTHON.is_file():
+        (shims / "python3").write_text(f'#!/bin/sh\nexec {shlex.quote(str(PYTHON))} "$@"\n')
+        (shims / "python3").chmod(0o755)
     (scratch / "sb").mkdir(exist_ok=True)
     full = {
         **os.environ,
