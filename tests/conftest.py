@@ -37,12 +37,29 @@ def example_inventory():  # type: ignore[no-untyped-def]
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The agent's wheel and its SHA-256, built once by the real build
     (``agent/packaging/build_artifact.py``, reproducible: every build is these bytes) for
-    tests/agent and tests/aws, which only read it."""
+    tests/agent and tests/aws, which only read it. Once per run, not once per xdist worker: the
+    workers share the run's temp dir, and the first to need it builds it under a lock."""
+    import fcntl
+    import os
+    import shutil
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("artifact")
-    subprocess.run([sys.executable, str(ROOT / "agent/packaging/build_artifact.py"), str(out)], check=True)
+    def build(out: Path) -> None:
+        subprocess.run([sys.executable, str(ROOT / "agent/packaging/build_artifact.py"), str(out)], check=True)
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent  # the run's, above each worker's own
+        out = shared / "agent-artifact"
+        with (shared / "agent-artifact.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (shared / "agent-artifact.built").exists():
+                shutil.rmtree(out, ignore_errors=True)  # a build that failed part way
+                build(out)
+                (shared / "agent-artifact.built").touch()
+    else:
+        out = tmp_path_factory.mktemp("artifact")
+        build(out)
     (wheel,) = out.glob("ringfence_agent-*.whl")
     digest, name = (out / f"{wheel.name}.sha256").read_text().split()
     assert name == wheel.name
