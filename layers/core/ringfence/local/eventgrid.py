@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from ringfence.clouds.azure.ingest import SECRET_HEADER
+from ringfence.clouds.azure.events import SECRET_HEADER
 
 OID = "11111111-2222-3333-4444-555555555555"  # the caller's Entra object id in the events' claims
 TENANT = "tenant-1"

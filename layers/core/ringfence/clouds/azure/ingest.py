@@ -26,6 +26,7 @@ from .arm import Arm
 from .entra import EntraVerifier, KeysUnavailable, TokenRefused
 from .events import (
     SCALE_SET,
+    SECRET_HEADER,
     Change,
     GridEvent,
     MalformedDelivery,
@@ -38,7 +39,6 @@ from .inventory import InventoryResult, hand_on, nics_by_id, observe, observe_su
 from .model import NIC, SCALE_SET_VM, SCALE_SET_VM_NIC, VM, ArmId, AzureNic, AzureVm, to_record, vm_from_wire
 from .wiring import Azure
 
-SECRET_HEADER = "x-ringfence-eventgrid-secret"  # noqa: S105 (a header name, not a secret)
 RETRY_AFTER = "30"
 
 
