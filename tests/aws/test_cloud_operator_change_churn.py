@@ -7,6 +7,7 @@ binding, which is decided again over it. The real AWS functions over moto."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -60,7 +61,10 @@ def test_a_taggers_write_of_another_governed_key_inside_a_binding_is_decided_aga
         budget[0] -= 1
         inside[0] = True
         try:
-            retag(env, dev, {"ringfence:app": "admin"}, TAGGER_ROLE, version=7)
+            # a second after the developer's escalation: CloudTrail says whole seconds, and in the
+            # same second a tagger's call never outranks another principal's (fail closed)
+            later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+            retag(env, dev, {"ringfence:app": "admin"}, TAGGER_ROLE, version=7, at=later)
         finally:
             inside[0] = False
 

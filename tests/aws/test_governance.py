@@ -35,10 +35,11 @@ def identity(principal: str) -> dict[str, Any]:
     return {"type": "IAMUser", "arn": principal, "userName": principal.rsplit("/", 1)[-1]}
 
 
-def create_tags_event(iid: str, tags: dict[str, str], principal: str) -> dict[str, Any]:
+def create_tags_event(iid: str, tags: dict[str, str], principal: str, at: dt.datetime | None = None) -> dict[str, Any]:
+    """CloudTrail's CreateTags call, at ``at`` (default now) to its whole second, as CloudTrail says it."""
     ev = copy.deepcopy(fixture("cloudtrail-create-tags.json"))
     ev["region"], ev["account"] = REGION, ACCOUNT
-    ev["time"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ev["time"] = (at or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     ev["detail"]["userIdentity"] = identity(principal)
     ev["detail"]["requestParameters"] = {
         "resourcesSet": {"items": [{"resourceId": iid}]},
@@ -59,14 +60,21 @@ def run_instances_event(iid: str, tags: dict[str, str], principal: str) -> dict[
     return ev
 
 
-def retag(env: Env, iid: str, tags: dict[str, str], principal: str | None, version: int = 2) -> None:
+def retag(
+    env: Env,
+    iid: str,
+    tags: dict[str, str],
+    principal: str | None,
+    version: int = 2,
+    at: dt.datetime | None = None,
+) -> None:
     """Tag the live instance and deliver what AWS emits for it: the aws.tag event (no principal)
-    and, when a principal is given, the CloudTrail CreateTags call."""
+    and, when a principal is given, the CloudTrail CreateTags call (at ``at``, default now)."""
     env.ec2.create_tags(Resources=[iid], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
     live = env.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["Tags"]
     env.put(env.tag_event(iid, {t["Key"]: t["Value"] for t in live}, version=version))
     if principal is not None:
-        env.put(create_tags_event(iid, tags, principal))
+        env.put(create_tags_event(iid, tags, principal, at))
     env.pump()
 
 
