@@ -236,12 +236,13 @@ def test_attack_a_tamper_under_ruleset_churn_elsewhere_is_reapplied(net: NetLab,
     with running_daemon(net, tmp_path, doc, drift_interval=1) as daemon:
         try:
             assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 15), daemon.said()
-            churn = net.spawn("h2", sys.executable, "-c", _CHURN, "40", stdout=subprocess.PIPE)
+            # runs until killed below: a fixed length could end before a loaded machine's repair
+            churn = net.spawn("h2", sys.executable, "-c", _CHURN, "600", stdout=subprocess.PIPE)
             assert churn.stdout is not None and churn.stdout.readline().strip() == "ready"
             time.sleep(2)
             net.exec("h2", *INSERT, "tcp", "dport", "8080", "accept", check=True)
             assert wait_until(lambda: not net.tcp("h4", "h2", 8080, timeout=0.3), 25), daemon.said()
-            assert churn.poll() is None, "the churn ended before the repair: the test proves nothing"
+            assert churn.poll() is None, "the churn stopped before the repair: the test proves nothing"
             assert wait_until(
                 lambda: _status(net, "nftables", daemon.state).get("counters", {}).get("tamper_reapplied", 0) >= 1, 10
             ), daemon.said()
