@@ -237,6 +237,23 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 
+def _statements(script: str) -> list[str]:
+    """``script``'s statements, one each (a trigger's body with its own semicolons is one)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(ln.strip().startswith("--") for ln in pending.splitlines() if ln.strip()):
+        raise ValueError(f"an incomplete statement at the end of the schema: {pending.strip()[:80]!r}")
+    return out
+
+
+# executed one by one in _make_schema's transaction (executescript would commit it first)
+_SCHEMA_STATEMENTS = _statements(_SCHEMA)
+
 # quarantined: the quarantine row, or the record's own mark (a file quarantined before the table)
 _SELECT_ONE = (
     "SELECT id, workload, state, observed_at, tag_version, labels, problems, op_mode, "
@@ -326,9 +343,7 @@ class SqliteStore:
         # release is refused untouched
         version = self._schema_version() if self.path.is_file() else 0
         if version > SCHEMA_VERSION:
-            raise StoreOpenError(
-                f"{self.path}: schema version {version} is newer than this ringfence knows ({SCHEMA_VERSION})"
-            )
+            raise self._newer(version)
         if read_only:
             if version < SCHEMA_VERSION:
                 what = (
@@ -339,21 +354,41 @@ class SqliteStore:
                 raise StoreOpenError(f"{self.path}: {what} (`ringfence serve` on it migrates a ringfence store)")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = self._db()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreOpenError(f"{self.path}: schema version {version} is newer than this ringfence knows")
-        if version == 1:
-            self._migrate_to_2()
-        if version in (1, 2):
-            self._migrate_to_3()
-        if version in (1, 2, 3):
-            self._migrate_to_4()
-        if version in (1, 2, 3, 4, 5):
-            self._migrate_to_6()
-        # idempotent (IF NOT EXISTS, the one trigger dropped and made again in the same
-        # transaction): processes opening the same file at once all succeed
-        db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+        try:
+            self._make_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def _newer(self, version: int) -> StoreOpenError:
+        return StoreOpenError(
+            f"{self.path}: schema version {version} is newer than this ringfence knows ({SCHEMA_VERSION})"
+        )
+
+    def _make_schema(self) -> None:
+        """Migrate the file from the version it has and make this release's schema, in one write
+        transaction whose first read is the version: if a newer release's process migrated the
+        file since this one read its version (this one waited for that migration's write lock),
+        the open is refused (:class:`StoreOpenError`, both versions named) and the file left as
+        that release made it, its version never set back. Idempotent (IF NOT EXISTS, the one
+        trigger dropped and made again in the same transaction): processes opening the same file
+        at once all succeed, and each migration is done once."""
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise self._newer(version)
+            # each joins this transaction and reads the version again
+            if version == 1:
+                self._migrate_to_2()
+            if version in (1, 2):
+                self._migrate_to_3()
+            if version in (1, 2, 3):
+                self._migrate_to_4()
+            if version in (1, 2, 3, 4, 5):
+                self._migrate_to_6()
+            for statement in _SCHEMA_STATEMENTS:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connect_ro(self) -> sqlite3.Connection:
         uri = f"{self.path.resolve().as_uri()}?mode=ro"
