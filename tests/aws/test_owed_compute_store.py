@@ -205,3 +205,89 @@ def test_a_version_5_sqlite_file_gains_the_key_its_marks_are_read_in(tmp_path: P
         assert st.integrity_check() == "ok"
     finally:
         st.close()
+
+
+# ids no writer of ringfence makes, written by hand: no text at all, or text that is no UTF-8
+NO_TEXT_IDS = "(NULL, 1, 'n2'), (x'00ff', 0, 'n3'), (CAST(x'ff' AS TEXT), 0, 'n4')"
+
+
+def _drain(st: SqliteStore) -> tuple[list[str], dict[str, float]]:
+    sent: list[str] = []
+    counted: dict[str, float] = {}
+
+    def metric(name: str, value: float) -> None:
+        counted[name] = counted.get(name, 0) + value
+
+    w = SimpleNamespace(store=st, enqueue_compute=lambda ids, urgent=False: sent.extend(ids), metric=metric)
+    wiring.hand_on_owed(w, "test")  # type: ignore[arg-type]
+    return sent, counted
+
+
+def _ids_left(path: Path) -> list[Any]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT CAST(workload_id AS BLOB) FROM owed_compute ORDER BY rowid")]
+    finally:
+        db.close()
+
+
+def test_a_version_5_file_with_marks_whose_id_is_no_text_opens_and_the_drain_deletes_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Marks written by hand in a file of the previous schema with a NULL, BLOB or non-UTF-8 id
+    (the table's TEXT PRIMARY KEY lets SQLite keep them) stop neither the migration (it keyed
+    each id, and failed on these) nor the drain: it reads them as naming no workload, deletes them
+    unsent and counts them OwedMarksMalformed, and hands the real mark beside them on."""
+    path = tmp_path / "old.db"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.executescript(
+        "BEGIN; DROP TABLE owed_compute;"
+        " CREATE TABLE owed_compute (workload_id TEXT PRIMARY KEY, urgent INTEGER NOT NULL, nonce TEXT NOT NULL);"
+        f" INSERT INTO owed_compute VALUES ('i-a', 0, 'n1'), {NO_TEXT_IDS}; PRAGMA user_version = 5; COMMIT;"
+    )
+    db.close()
+    st = SqliteStore(path)
+    try:
+        assert st._db().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        marks = st.owed_compute()
+        assert sorted(m.workload_id for m in marks) == ["<blob 00FF>", "<null>", "<text FF>", "i-a"]
+        with caplog.at_level("WARNING", logger="ringfence"):
+            sent, counted = _drain(st)
+        assert sent == ["i-a"]
+        assert counted == {wiring.OWED_MARKS_MALFORMED: 3}
+        assert "test: 3 owed marks name no workload (deleted unsent)" in caplog.text
+        assert _ids_left(path) == []
+        assert st.integrity_check() == "ok"
+    finally:
+        st.close()
+
+
+def test_a_mark_whose_id_is_no_text_written_by_hand_is_deleted_by_the_drain_and_only_it(tmp_path: Path) -> None:
+    """On this release's schema: the drain deletes such marks (each by its row, only while it
+    still holds what was read: a row given a real id meanwhile stays) and counts them."""
+    path = tmp_path / "s.db"
+    st = SqliteStore(path)
+    try:
+        st.owe_compute(["i-a"])
+        db = sqlite3.connect(path)
+        db.executescript(f"INSERT INTO owed_compute (workload_id, urgent, nonce) VALUES {NO_TEXT_IDS};")
+        db.close()
+        marks = [m for m in st.owed_compute() if m.workload_id != "i-a"]
+        assert len(marks) == 3 and all(m.key for m in marks)
+        db = sqlite3.connect(path)
+        db.execute("UPDATE owed_compute SET workload_id = 'i-b' WHERE workload_id IS NULL")
+        db.commit()
+        db.close()
+        assert sorted(st.settle_owed(marks)) == ["<blob 00FF>", "<text FF>"]
+        assert sorted(_ids_left(path)) == [b"i-a", b"i-b"]
+        db = sqlite3.connect(path)
+        db.execute("INSERT INTO owed_compute (workload_id, urgent, nonce) VALUES (NULL, 1, 'n5')")
+        db.commit()
+        db.close()
+        sent, counted = _drain(st)
+        assert sorted(sent) == ["i-a", "i-b"]
+        assert counted == {wiring.OWED_MARKS_MALFORMED: 1}
+        assert _ids_left(path) == []
+    finally:
+        st.close()

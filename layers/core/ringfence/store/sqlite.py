@@ -281,8 +281,13 @@ _UPDATES = {
 
 # a drain's two reads of owed_compute (owed_compute): from its start to the end of the key order,
 # then round from the beginning to the keys before it, each through the okey index. As on
-# DynamoDB, a nonce longer than any owe_compute writes is read malformed ("")
-_OWED_MARK = "SELECT workload_id, urgent, CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END FROM owed_compute"
+# DynamoDB, a nonce longer than any owe_compute writes is read malformed (""). The id is read as
+# its bytes (_owed_mark): one written by hand that is no text (NULL, a BLOB) or no UTF-8 is read
+# as a mark naming no workload, never a failure of the read
+_OWED_MARK = (
+    "SELECT rowid, typeof(workload_id), CAST(workload_id AS BLOB), urgent, "
+    "CASE WHEN length(nonce) <= ? THEN nonce ELSE '' END FROM owed_compute"
+)
 _OWED_FROM = f"{_OWED_MARK} WHERE okey >= ? ORDER BY okey LIMIT ?"
 _OWED_BEFORE = f"{_OWED_MARK} WHERE okey < ? ORDER BY okey LIMIT ?"
 
@@ -455,7 +460,12 @@ class SqliteStore:
             if "owed_compute" in tables:
                 if "okey" not in {r[1] for r in db.execute("PRAGMA table_info(owed_compute)")}:
                     db.execute("ALTER TABLE owed_compute ADD COLUMN okey TEXT NOT NULL DEFAULT ''")
-                ids = [r[0] for r in db.execute("SELECT workload_id FROM owed_compute WHERE okey = ''")]
+                # a mark whose id is no text (written by hand: NULL, a BLOB, no UTF-8) keeps ''
+                # (read first): the drain reads it as naming no workload, deletes it and counts it
+                rows = db.execute(
+                    "SELECT typeof(workload_id), CAST(workload_id AS BLOB) FROM owed_compute WHERE okey = ''"
+                )
+                ids = [i for i in (_text_id(kind, raw) for kind, raw in rows) if i is not None]
                 db.executemany(
                     "UPDATE owed_compute SET okey = ? WHERE workload_id = ?", [(owed_key(i), i) for i in ids]
                 )
@@ -970,7 +980,7 @@ class SqliteStore:
             if room <= 0 and limit is not None:
                 break
             rows = db.execute(half, (OWED_NONCE_MAX, start, room)).fetchall()
-            out += [OwedMark(wid, bool(urgent), nonce) for wid, urgent, nonce in rows]
+            out += [_owed_mark(*row) for row in rows]
         return out
 
     def settle_owed(self, marks: list[OwedMark]) -> list[str]:
@@ -979,7 +989,13 @@ class SqliteStore:
             return settled
         with self._tx() as db:
             for m in marks:
-                if m.nonce:
+                if m.key:  # an id that is no text (_owed_mark): that row, while it still holds it
+                    rowid, kind, raw = m.key.split(":", 2)
+                    cur = db.execute(
+                        "DELETE FROM owed_compute WHERE rowid = ? AND typeof(workload_id) = ? AND hex(workload_id) = ?",
+                        (int(rowid), kind, raw),
+                    )
+                elif m.nonce:
                     cur = db.execute(
                         "DELETE FROM owed_compute WHERE workload_id = ? AND nonce = ?", (m.workload_id, m.nonce)
                     )
@@ -1370,6 +1386,28 @@ class SqliteStore:
     def audit_head(self) -> AuditHead | None:
         row = self._db().execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         return AuditHead(seq=row[0], hash=row[1]) if row else None
+
+
+def _text_id(kind: str, raw: bytes | None) -> str | None:
+    """A stored mark's id (``typeof`` and bytes), None if it is no text (NULL, a BLOB) or no UTF-8."""
+    if kind != "text" or raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _owed_mark(rowid: int, kind: str, raw: bytes | None, urgent: int, nonce: str) -> OwedMark:
+    """A row of owed_compute as read (:data:`_OWED_MARK`). One whose id is no text is read as
+    naming no workload (``<null>``, ``<blob 00FF>``, ``<text C3>``: never a workload id, so a
+    drain deletes it unsent and counts it, as any other such mark), its ``key`` the row and what
+    it held (``rowid:typeof:hex``), by which :meth:`SqliteStore.settle_owed` deletes it."""
+    wid = _text_id(kind, raw)
+    if wid is not None:
+        return OwedMark(wid, bool(urgent), nonce)
+    shown = (raw or b"").hex().upper()
+    return OwedMark(f"<{kind} {shown}>" if shown else f"<{kind}>", bool(urgent), nonce, key=f"{rowid}:{kind}:{shown}")
 
 
 def _label_writes(rec: InventoryRecord) -> str | None:
