@@ -10,6 +10,7 @@ binding is how an administrator approves it when no tagger made the change."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from tests.aws.conftest import OPERATOR, Env, ip_of
 from tests.aws.test_admin_authz import served_roles
-from tests.aws.test_governance import DEVELOPER, ESCALATION, governed_estate, retag, ssh_peers
+from tests.aws.test_governance import DEVELOPER, ESCALATION, TAGGER_ROLE, governed_estate, retag, ssh_peers
 from tests.aws.test_pipeline import _ctx, _scheduled
 
 __all__ = ["served_roles"]  # the fixture, used by name
@@ -120,6 +121,30 @@ def test_policy_author_binding_lifts_the_hold_audits_and_recomputes(env: Env) ->
     assert env.count("compute") >= 1, "the binding is queued for compute"
     env.pump()
     assert all(ssh_peers(env, est).values()), "the bound jumpbox is every production host's SSH peer"
+
+
+def test_a_taggers_approval_that_comes_in_force_with_a_binding_is_named_in_its_record(env: Env) -> None:
+    """The tagging role approves app=admin while the developer's role=jumpbox is held: stored, not
+    in force, not audited as approved. A binding of role alone then brings app=admin in force too:
+    the binding's record names that approval and the tagger's event, so no privileged value comes
+    in force without a record saying why."""
+    dev = held_estate(env)["dev"]
+    env.bind(AUTHORS, ["policy-author"])
+    # a second later: in the developer's second a tagger's call never outranks it (fail closed)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    retag(env, dev, {"ringfence:app": "admin"}, TAGGER_ROLE, version=7, at=later)
+    rec = env.store.get(dev)
+    assert rec.labels == PREVIOUS and rec.label_writes["app"].by == "tagger", "the approval is stored, not in force"
+    assert not [a for a in env.store.audit_log() if a.action == "label.approve"]
+    status, answer = bind(env, dev, {"labels": {"role": "jumpbox"}, "reason": "CHG-9"})
+    assert status == 200, answer
+    rec = env.store.get(dev)
+    assert rec.labels["app"] == "admin" and rec.labels["role"] == "jumpbox"
+    [record] = bindings(env)
+    approval = rec.label_writes["app"]
+    assert approval.by == "tagger" and approval.at >= later.replace(microsecond=0).timestamp()
+    assert record.detail["approved"] == {"app": {"value": "admin", "approved_at": approval.at}}, record.detail
+    assert record.detail["labels"] == {"role": "jumpbox"}
 
 
 def test_attack_only_policy_authors_may_bind(env: Env) -> None:

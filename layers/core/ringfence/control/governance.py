@@ -577,7 +577,7 @@ def bind_labels(w: BaseWiring, workload_id: str, labels: dict[str, str], princip
             previous_at=old.observed_at,
         )
         rec = _decided(mapper, old, verdict)
-        return rec, {"labels": dict(verdict.workload.label_grants), "in_force": rec.labels}
+        return rec, {"labels": dict(verdict.workload.label_grants), "in_force": rec.labels, **_approved_with(verdict)}
 
     def stands(now: InventoryRecord, detail: dict[str, object]) -> bool:
         grants = detail["labels"]
@@ -612,7 +612,8 @@ def unbind_labels(w: BaseWiring, workload_id: str, dimensions: list[str], princi
         revoked = {d: old.workload.label_grants[d] for d in dimensions if d in old.workload.label_grants}
         verdict = unbind(mapper, old.workload, dimensions, writes=old.label_writes, previous_at=old.observed_at)
         rec = _decided(mapper, old, verdict)
-        return rec, {"revoked": revoked, "labels": dict(verdict.workload.label_grants), "in_force": rec.labels}
+        detail = {"revoked": revoked, "labels": dict(verdict.workload.label_grants), "in_force": rec.labels}
+        return rec, {**detail, **_approved_with(verdict)}
 
     def stands(now: InventoryRecord, detail: dict[str, object]) -> bool:
         revoked = detail["revoked"]
@@ -628,6 +629,27 @@ def unbind_labels(w: BaseWiring, workload_id: str, dimensions: list[str], princi
         queue_stored(w, [workload_id], "no such grant to take back", workload_id, None, urgent=True)
         raise
     return Revocation(rec, audit.id, dict(audit.detail["revoked"]))
+
+
+def _approved_with(verdict: Verdict) -> dict[str, object]:
+    """The privileged values an allowed tagger's call set that come in force with this change (a
+    tagger's write of one dimension while another was held is stored but not in force, nor
+    audited as approved, until the hold is lifted): ``{"approved": {dimension: {"value",
+    "approved_at", "event_id" where kept}}}`` for the change's record, so every privileged value
+    in force is explained by a record."""
+    if not verdict.approved:
+        return {}
+    writes = verdict.writes or {}
+    approved: dict[str, object] = {}
+    for m in sorted(verdict.approved, key=lambda m: m.dimension):
+        w = writes.get(m.dimension)
+        said: dict[str, object] = {"value": m.new}
+        if w is not None:
+            said["approved_at"] = w.at  # the call's time: its CloudTrail record / audit log entry
+            if w.event is not None:
+                said["event_id"] = w.event
+        approved[m.dimension] = said
+    return {"approved": approved}
 
 
 def _decided(mapper: LabelMapper, old: InventoryRecord, verdict: Verdict) -> InventoryRecord:
