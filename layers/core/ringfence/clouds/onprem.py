@@ -30,6 +30,7 @@ from ringfence.store.base import (
     InventoryRecord,
     PartlyWritten,
     TooManyTogether,
+    WorkloadChanged,
     holds_addresses,
 )
 
@@ -454,7 +455,12 @@ class OnPremAdmin(Admin):
         # gets a second record, workload.deregister.failed
         audit_id = self._audit(principal, "workload.deregister", workload_id, {}, reason)
         try:
-            self.w.store.observe_addressed([tombstone])  # its addresses released
+            # its addresses released, and only over the registration read: one written since (the
+            # id deregistered and registered again, or a new box registered in its place) is not
+            # this request's to remove, nor is this tombstone dropped as older while answered 200
+            self.w.store.observe_addressed([tombstone], as_read={workload_id: rec})
+        except WorkloadChanged as exc:
+            return self._changed(principal, "workload.deregister", workload_id, audit_id, exc, reason)
         except Exception as exc:
 
             def deregistered() -> bool:

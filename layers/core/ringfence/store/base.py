@@ -143,6 +143,21 @@ def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: Inv
         )
 
 
+def check_registration_as_read(workload_id: str, stored: InventoryRecord | None, as_read: InventoryRecord) -> None:
+    """:class:`WorkloadChanged` unless ``stored`` is still exactly the registration ``as_read``:
+    :func:`check_as_read` (its governance version and state) and the same observation. Every
+    registration is a new observation, so a registration of the id in place since the read (a
+    new box under the same name, which may keep the governance version) is told from the one read
+    too: what a deregistration is written over (:meth:`Store.observe_addressed`'s ``as_read``),
+    which must never remove a registration it did not read."""
+    check_as_read(workload_id, (stored.governed_rev, stored.state) if stored is not None else None, as_read)
+    if stored is not None and stored.observed_at != as_read.observed_at:
+        raise WorkloadChanged(
+            f"{workload_id}: registered again since it was read (read as registered at {as_read.observed_at}, "
+            f"now at {stored.observed_at}): nothing set"
+        )
+
+
 class OperatorChange(NamedTuple):
     """:meth:`Store.set_operator` as a change made with its audit record (:meth:`Store.audit_with`):
     the mode when ``set_mode`` (``mode`` None clears it) and/or the quarantine (``quarantined``
@@ -837,7 +852,11 @@ class Store(Protocol):
         ...
 
     def observe_addressed(
-        self, recs: list[InventoryRecord], *, anew: dict[str, InventoryRecord] | None = None
+        self,
+        recs: list[InventoryRecord],
+        *,
+        anew: dict[str, InventoryRecord] | None = None,
+        as_read: dict[str, InventoryRecord] | None = None,
     ) -> set[str]:
         """:meth:`observe_many` for records whose addresses are theirs alone (on-premise
         registrations): each active record's addresses must not be held by another workload
@@ -860,7 +879,15 @@ class Store(Protocol):
         DynamoDB: the record's group's transaction) its operator mode and quarantine are cleared:
         the new host starts from none of the old one's, and a registration decided from a stale
         read never clears what an operator set on a host registered meanwhile. Otherwise
-        :class:`GovernanceMoved`, nothing of that record written."""
+        :class:`GovernanceMoved`, nothing of that record written.
+
+        ``as_read``: id → the record the caller read (a deregistration's tombstone is written over
+        it): that record is written only while the stored one is still exactly it
+        (:func:`check_registration_as_read`), checked in the record's own write (SQLite: the
+        transaction; DynamoDB: a condition of its update), also where the stored observation is
+        newer (which otherwise drops the record silently). Otherwise :class:`WorkloadChanged`,
+        nothing of that record written: a tombstone decided from one registration never replaces
+        another registered since, nor goes unwritten while the deregistration is answered as made."""
         ...
 
     def all_records(self) -> list[InventoryRecord]: ...

@@ -85,6 +85,7 @@ from ringfence.store.base import (
     agent_key_fingerprint_of,
     check_hold_fields,
     check_names_its_key,
+    check_registration_as_read,
     check_tombstone,
     names_its_key,
     next_governed_rev,
@@ -1538,7 +1539,11 @@ class DynamoStore:
     CLAIM_ATTEMPTS = 10
 
     def observe_addressed(
-        self, recs: list[InventoryRecord], *, anew: dict[str, InventoryRecord] | None = None
+        self,
+        recs: list[InventoryRecord],
+        *,
+        anew: dict[str, InventoryRecord] | None = None,
+        as_read: dict[str, InventoryRecord] | None = None,
     ) -> set[str]:
         """Each active record is written in one transaction with a claim item per address, each
         put conditional on the claim as read (absent, or the owner read), so of two writers racing
@@ -1553,10 +1558,12 @@ class DynamoStore:
         above. Records whose claims nothing moves between them are written one transaction each.
         A record of ``anew`` is written on the condition that the item is still the tombstone read
         and clears its ``op_mode`` and ``op_quarantined``; its quarantine item is deleted in the
-        same transaction (conditional on its absence when none was read)."""
+        same transaction (conditional on its absence when none was read). A record of ``as_read``
+        is written on the condition that the item is still exactly the record read (its
+        observation, ``governed_rev`` and state: :func:`check_registration_as_read`)."""
         if not recs:
             return set()
-        anew = anew or {}
+        anew, as_read = anew or {}, as_read or {}
         ids = [rec.id for rec in recs]
         if len(set(ids)) != len(ids):
             raise ValueError("observe_addressed: a workload given twice")
@@ -1572,6 +1579,8 @@ class DynamoStore:
         stored = self.get_many(ids)
         for wid, read in anew.items():  # as this writer reads it too, before anything is written
             check_tombstone(stored.get(wid), read)
+        for wid, read in as_read.items():
+            check_registration_as_read(wid, stored.get(wid), read)
         groups = _moving_together(recs, stored)
         # every claim read and judged before anything is written: a file refused for an address
         # held is refused whole (a race with a writer after this read can still refuse a later group)
@@ -1593,7 +1602,7 @@ class DynamoStore:
         written: list[str] = []
         for group in groups:
             try:
-                changed |= self._observe_group(group, stored, claims, holders, anew)
+                changed |= self._observe_group(group, stored, claims, holders, anew, as_read)
             except Exception as exc:
                 if written:  # a race after the checks above: say what stands
                     raise PartlyWritten(written, changed, exc) from exc
@@ -1608,6 +1617,7 @@ class DynamoStore:
         claims: dict[str, str],
         holders: dict[str, dict[str, Any] | None],
         anew: dict[str, InventoryRecord],
+        as_read: dict[str, InventoryRecord],
     ) -> set[str]:
         ids = {rec.id for rec in group}
         for attempt in range(self.CLAIM_ATTEMPTS):
@@ -1622,6 +1632,8 @@ class DynamoStore:
             written: list[InventoryRecord] = []
             clears: list[dict[str, Any]] = []
             for rec in group:
+                if rec.id in as_read:  # read again on a retry: still the record read?
+                    check_registration_as_read(rec.id, stored.get(rec.id), as_read[rec.id])
                 update = self._observation(rec, stored.get(rec.id))
                 if update is None:
                     if rec.id in anew:  # not the tombstone read: its clear must not land either
@@ -1633,6 +1645,8 @@ class DynamoStore:
                 if rec.id in anew:
                     kwargs, clear = _anew(kwargs, anew[rec.id], self.state.name)
                     clears.append(clear)
+                if rec.id in as_read:
+                    kwargs = self._over_as_read(kwargs, as_read[rec.id])
                 written.append(rec)
                 items.append({"Update": {"TableName": self.inventory.name, **kwargs}})
             items += clears
@@ -1668,6 +1682,8 @@ class DynamoStore:
                     raise
                 cleared = reasons[len(written) : len(written) + len(clears)]
                 for rec, reason in zip(written, reasons, strict=False):
+                    if reason == "ConditionalCheckFailed" and rec.id in as_read:  # not the record read?
+                        check_registration_as_read(rec.id, self.get(rec.id), as_read[rec.id])
                     if reason == "ConditionalCheckFailed" and rec.id in anew:  # not the tombstone read
                         check_tombstone(self.get(rec.id), anew[rec.id])
                         raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
@@ -1689,6 +1705,22 @@ class DynamoStore:
         raise ConflictError(
             f"{', '.join(sorted(ids))}: address claims stayed contended for {self.CLAIM_ATTEMPTS} attempts"
         )
+
+    def _over_as_read(self, kwargs: dict[str, Any], read: InventoryRecord) -> dict[str, Any]:
+        """A record's conditional update (:meth:`_observation`) made only over exactly ``read``
+        (:func:`check_registration_as_read`): its ``governed_rev`` and state
+        (:meth:`_as_read_condition`) and its observation."""
+        condition, names, values = self._as_read_condition(read)
+        return {
+            **kwargs,
+            "ConditionExpression": f"({kwargs['ConditionExpression']}) AND {condition} AND observed_at = :read_at",
+            "ExpressionAttributeNames": {**kwargs["ExpressionAttributeNames"], **names},
+            "ExpressionAttributeValues": {
+                **kwargs["ExpressionAttributeValues"],
+                **values,
+                ":read_at": Decimal(str(read.observed_at)),
+            },
+        }
 
     def _claims(self, addresses: list[str]) -> dict[str, str]:
         """Address → the workload its claim names (absent: no claim)."""

@@ -79,6 +79,7 @@ from ringfence.store.base import (
     check_hold_fields,
     check_names_its_key,
     check_read,
+    check_registration_as_read,
     check_tombstone,
     names_its_key,
     next_governed_rev,
@@ -615,11 +616,15 @@ class SqliteStore:
             return {rec.id for rec in recs if self._observe(db, rec)}
 
     def observe_addressed(
-        self, recs: list[InventoryRecord], *, anew: dict[str, InventoryRecord] | None = None
+        self,
+        recs: list[InventoryRecord],
+        *,
+        anew: dict[str, InventoryRecord] | None = None,
+        as_read: dict[str, InventoryRecord] | None = None,
     ) -> set[str]:
         # the check reads the inventory under the write lock it writes in: no writer of this
         # process or another can land an owner in between
-        anew = anew or {}
+        anew, as_read = anew or {}, as_read or {}
         with self._tx() as db:
             taken = _held_elsewhere(db, recs)
             if taken:
@@ -630,6 +635,9 @@ class SqliteStore:
                 if read is not None:
                     # over exactly the tombstone read, or GovernanceMoved (rolls back: nothing written)
                     check_tombstone(self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone()), read)
+                if rec.id in as_read:  # over exactly the registration read, or WorkloadChanged (rolls back)
+                    stored = self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone())
+                    check_registration_as_read(rec.id, stored, as_read[rec.id])
                 if self._observe(db, rec):
                     changed.add(rec.id)
                 if read is not None:  # the old host's mode and quarantine go with this write
