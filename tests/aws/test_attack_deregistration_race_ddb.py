@@ -149,3 +149,43 @@ def test_attack_a_registration_between_the_tombstones_check_and_its_transaction_
     status, _, answer = env.rest("admin", "DELETE", DEREGISTER, {"reason": "old box gone"}, principal=OTTO)
     assert done and new, "the race happened"
     refused_and_the_new_host_kept(env, status, answer, new)
+
+
+@pytest.mark.slow
+def test_a_reset_refused_between_its_transactions_revoked_only_keys_issued_before_the_new_registration_ddb(
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """60 pairing keys (120 items with their index): a reset takes two transactions, each
+    conditional on the registration read. The id deregistered and registered again between them
+    (the new host enrolling with a key minted then, a spare key minted for it too), the last is
+    refused (409) after the first revoked 13 of the old registration's keys: every key that first
+    one revoked was listed before it, so issued before the new registration; the new host's keys,
+    agent key and token stay (what DynamoStore.reset_agent_key's comment says)."""
+    env = onprem
+    store = env.store
+    assert isinstance(store, DynamoStore)
+    for _ in range(60):
+        mint(other)
+    new: dict[str, Agent] = {}
+    spare: list[str] = []
+    race = new_host_meanwhile(env, other, new, deregistered_first=True)
+    real = DynamoStore._transact_part
+    done: list[int] = []
+
+    def then_raced(self: DynamoStore, part: Any) -> None:
+        real(self, part)
+        if not done:
+            done.append(len(store._query_all(f"pairingof#{WID}")))  # the old keys left after the first
+            race()
+            spare.append(mint(other))
+
+    monkeypatch.setattr(DynamoStore, "_transact_part", then_raced)
+    body = {"reason": "old box reinstalled"}
+    status, _, answer = env.rest("admin", "DELETE", f"/admin/workloads/{WID}/agent-key", body, principal=OTTO)
+    assert done == [47] and new and spare, "the race happened between the reset's transactions"
+    assert status == 409, answer
+    assert answer["error"] == "workload changed meanwhile: nothing set", answer
+    assert new["agent"].authorized(), "the refused reset revoked the new host's token"
+    assert store.agent_key(WID) == new["agent"].key.pem, "the refused reset unbound the new host's agent key"
+    monkeypatch.undo()
+    assert Agent(env).enroll(spare[0]) == 200, "the refused reset revoked a key minted for the new host"

@@ -1245,6 +1245,18 @@ class DynamoStore:
         last += pairings[:room]
         rest = pairings[room:]
         per = (TRANSACT_ITEMS - 1) // 2 * 2
+        # Refused at a later transaction (the id deregistered and registered again, or governed
+        # anew, after an earlier one committed), the keys the earlier ones revoked stay revoked
+        # while the reset answers 409. Harmless, on purpose: each earlier transaction committed
+        # only while the record was still the one read, and its keys were listed before it, so
+        # every key it revoked was issued before any later registration was written: the old
+        # registration's (or its id's earlier lives', which a deregistration and a registration
+        # again drop anyway), never one minted for the host registered since, and never that
+        # host's agent key, token or connection (all in the last transaction). Revoking them is
+        # what the reset asked for, a revoked key only makes the operator mint another, and keys
+        # left unrevoked would be the harm, so the keys go before the last step, not after it
+        # (tests/aws/test_attack_deregistration_race_ddb.py, the reset refused between its
+        # transactions). The same holds for _drop_pairings_as_read and _old_host_parts.
         for i in range(0, len(rest), per):
             self._transact_part(self._as_read_part(wid, as_read, rest[i : i + per]))
         self._transact_part(self._as_read_part(wid, as_read, last))
@@ -1264,7 +1276,9 @@ class DynamoStore:
         return live, deletes
 
     def _drop_pairings_as_read(self, workload_id: str, as_read: InventoryRecord) -> int:
-        """:meth:`drop_pairings` in transactions each conditional on the record as read."""
+        """:meth:`drop_pairings` in transactions each conditional on the record as read: one refused
+        after others committed leaves their keys revoked, all issued before the record changed
+        (see :meth:`reset_agent_key`)."""
         live, deletes = self._pairing_deletes(workload_id)
         per = (TRANSACT_ITEMS - 1) // 2 * 2  # beside the condition; a key's two items together
         for i in range(0, max(len(deletes), 1), per):  # none to drop: the check alone, so a 409 is said
@@ -1285,7 +1299,10 @@ class DynamoStore:
         index item) as fit beside the record's items; the keys beyond go in transactions before
         it. The keys are read from the index beforehand (a query): one issued after that read was
         issued while the id was registered, so by a later registration's caller, whose write then
-        refuses every transaction here."""
+        refuses every transaction here. A transaction refused after earlier ones committed leaves
+        their keys revoked: listed before the first, each while the tombstone stood, so the old
+        host's (or a pairing's that raced its deregistration), which the registration again drops
+        anyway, never the new host's (see :meth:`reset_agent_key`)."""
         wid = change.workload_id
         tombstone: dict[str, Any] = {
             "ConditionCheck": {
