@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ringfence.store import sqlite
 from ringfence.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 # the opener, in a process of its own: says "begin" on stdout when it starts its first write
@@ -132,3 +133,22 @@ def test_processes_opening_one_old_file_at_once_migrate_it_once(tmp_path: Path) 
         assert st.integrity_check() == "ok"
     finally:
         st.close()
+
+
+def test_the_schema_splits_into_whole_statements_a_triggers_body_and_a_lines_two_alike() -> None:
+    """The schema is executed statement by statement inside the opening transaction: each
+    statement whole (a trigger's body keeps its semicolons), two on one line two, a semicolon in
+    a comment no end, an unfinished one refused."""
+    script = (
+        "CREATE TABLE a(x); CREATE TABLE b(y);\n"
+        "-- a comment; not an end\n"
+        "CREATE TRIGGER t AFTER INSERT ON a BEGIN\n  INSERT INTO b VALUES (1);\n  DELETE FROM b;\nEND;\n"
+    )
+    got = sqlite._statements(script)
+    assert got[:2] == ["CREATE TABLE a(x);", "CREATE TABLE b(y);"]
+    assert len(got) == 3 and got[2].endswith("END;") and "DELETE FROM b;" in got[2]
+    db = sqlite3.connect(":memory:")
+    for stmt in got:
+        db.execute(stmt)  # one statement each, else ProgrammingError
+    with pytest.raises(ValueError, match="incomplete statement"):
+        sqlite._statements("CREATE TABLE c(z)")

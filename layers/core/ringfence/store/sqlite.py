@@ -239,11 +239,13 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 
 
 def _statements(script: str) -> list[str]:
-    """``script``'s statements, one each (a trigger's body with its own semicolons is one)."""
+    """``script``'s statements, one each (a trigger's body with its own semicolons is one; two
+    statements on one line are two)."""
     out: list[str] = []
     pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
+    parts = script.split(";")
+    for i, part in enumerate(parts):
+        pending += part if i == len(parts) - 1 else part + ";"
         if sqlite3.complete_statement(pending):
             out.append(pending.strip())
             pending = ""
