@@ -41,7 +41,7 @@ from ringfence.store.base import (
     InventoryRecord,
     OperatorChange,
     OtherAccount,
-    WorkloadChanged,
+    check_registration_as_read,
     concerns_compute,
     other_account,
     registration_as_read,
@@ -711,22 +711,16 @@ def _change_grants(
     try:
         for _ in range(BIND_ATTEMPTS):
             old = w.store.get(workload_id)
-            if (
-                first is not None
-                and registration_as_read(first) is not None
-                and (old is None or old.governed_rev != first.governed_rev)
-            ):
-                # an on-premise id is decided again only over the registration first read: a
-                # deregistration moves the version (never back), so another host registered under
-                # the id meanwhile never takes a grant meant for this one (nor loses one); an
-                # administrator's registration or binding landing in between is refused alike, as
-                # nothing stored tells it from a deregistration and a registration again. A cloud
-                # id is never reused: decided again over whatever landed (a tag write, an approval)
-                raise WorkloadChanged(
-                    f"{workload_id}: deregistered, registered again or governed anew since it was read "
-                    f"(governance version {first.governed_rev}, now "
-                    f"{old.governed_rev if old is not None else 'none'}): nothing set"
-                )
+            if first is not None and registration_as_read(first) is not None:
+                # an on-premise id is decided again only over the registration first read (its
+                # version, state and observation: check_registration_as_read): a deregistration
+                # moves the version (never back) and a registration in place (a new box under the
+                # name) the observation, so another host registered under the id meanwhile never
+                # takes a grant meant for this one (nor loses one); an administrator's registration
+                # or binding landing in between is refused alike, as nothing stored tells it from
+                # another host's. A cloud id is never reused: decided again over whatever landed
+                # (a tag write, an approval)
+                check_registration_as_read(workload_id, old, first)
             if old is None or old.state == "terminated":
                 raise KeyError(workload_id)
             first = first or old

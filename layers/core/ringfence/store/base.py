@@ -122,13 +122,18 @@ def registration_as_read(rec: InventoryRecord) -> InventoryRecord | None:
     return rec if rec.workload.cloud == "onprem" else None
 
 
-def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: InventoryRecord | None) -> None:
-    """:class:`WorkloadChanged` unless the stored record (``stored``: its ``governed_rev`` and
-    state; None, no record) is still the registration ``as_read`` (None: no check): the same
-    ``governed_rev``, which a deregistration always moves (never back), and deregistered or not
-    alike (a registration over a tombstone may keep its version). A credential step keyed by id
-    (a pairing key, a reset, a revocation) or an operator's mode or quarantine then never lands on
-    another host registered under it."""
+def check_as_read(workload_id: str, stored: tuple[int, str, float] | None, as_read: InventoryRecord | None) -> None:
+    """:class:`WorkloadChanged` unless the stored record (``stored``: its ``governed_rev``, state
+    and observation time ``observed_at``; None, no record) is still the registration ``as_read``
+    (None: no check): the same ``governed_rev``, which a deregistration always moves (never back),
+    deregistered or not alike (a registration over a tombstone may keep its version), and the same
+    observation. Every registration of an on-premise id is a new observation, and only a
+    registration (or a deregistration) moves it: a heartbeat, a poll, an enrollment or a binding
+    never does. So a registration of the id in place since the read (a new box under the same name,
+    new addresses, which keeps the governance version and the old host's credentials) is told from
+    the one read too. A credential step keyed by id (a pairing key, a reset, a revocation), an
+    operator's mode or quarantine, a binding or a deregistration then never lands on another
+    registration than the one it was decided from."""
     if as_read is None:
         return
     if (
@@ -141,21 +146,20 @@ def check_as_read(workload_id: str, stored: tuple[int, str] | None, as_read: Inv
             f"{workload_id}: deregistered, registered again or governed anew since it was read (read at "
             f"governance version {as_read.governed_rev}, {as_read.state}; now {now}): nothing set"
         )
+    if stored[2] != as_read.observed_at:
+        raise WorkloadChanged(
+            f"{workload_id}: registered again since it was read (read as registered at {as_read.observed_at}, "
+            f"now at {stored[2]}): nothing set"
+        )
 
 
 def check_registration_as_read(workload_id: str, stored: InventoryRecord | None, as_read: InventoryRecord) -> None:
-    """:class:`WorkloadChanged` unless ``stored`` is still exactly the registration ``as_read``:
-    :func:`check_as_read` (its governance version and state) and the same observation. Every
-    registration is a new observation, so a registration of the id in place since the read (a
-    new box under the same name, which may keep the governance version) is told from the one read
-    too: what a deregistration is written over (:meth:`Store.observe_addressed`'s ``as_read``),
-    which must never remove a registration it did not read."""
-    check_as_read(workload_id, (stored.governed_rev, stored.state) if stored is not None else None, as_read)
-    if stored is not None and stored.observed_at != as_read.observed_at:
-        raise WorkloadChanged(
-            f"{workload_id}: registered again since it was read (read as registered at {as_read.observed_at}, "
-            f"now at {stored.observed_at}): nothing set"
-        )
+    """:func:`check_as_read` of a stored record as read (None: no record): what a deregistration's
+    tombstone is written over (:meth:`Store.observe_addressed`'s ``as_read``) and what a binding
+    decided again checks (:func:`~ringfence.control.governance.bind`)."""
+    check_as_read(
+        workload_id, (stored.governed_rev, stored.state, stored.observed_at) if stored is not None else None, as_read
+    )
 
 
 class OperatorChange(NamedTuple):

@@ -121,7 +121,7 @@ def _not_as_read(workload_id: str, as_read: InventoryRecord) -> WorkloadChanged:
     """A write conditional on ``as_read`` (:meth:`DynamoStore._as_read_condition`), refused by it."""
     return WorkloadChanged(
         f"{workload_id}: deregistered, registered again or governed anew since it was read (read at governance "
-        f"version {as_read.governed_rev}, {as_read.state}): nothing set"
+        f"version {as_read.governed_rev}, {as_read.state}, registered at {as_read.observed_at}): nothing set"
     )
 
 
@@ -1179,13 +1179,18 @@ class DynamoStore:
     def _as_read_condition(as_read: InventoryRecord) -> tuple[str, dict[str, str], dict[str, Any]]:
         """:func:`check_as_read` as a condition of the inventory item (its expression, names and
         values): it exists, with the ``governed_rev`` read (a deregistration moves it, never back),
-        and deregistered or not alike."""
-        values: dict[str, Any] = {":read_rev": as_read.governed_rev, ":gone": "terminated"}
+        deregistered or not alike, and the observation read (a registration of the id in place
+        since, which may keep the version, moves it; a heartbeat or a binding never does)."""
+        values: dict[str, Any] = {
+            ":read_rev": as_read.governed_rev,
+            ":gone": "terminated",
+            ":read_at": Decimal(str(as_read.observed_at)),
+        }
         same = "governed_rev = :read_rev"
         if as_read.governed_rev == 0:
             same = f"({same} OR attribute_not_exists(governed_rev))"
         gone = "#st = :gone" if as_read.state == "terminated" else "(attribute_not_exists(#st) OR #st <> :gone)"
-        return f"attribute_exists(id) AND {same} AND {gone}", {"#st": "state"}, values
+        return f"attribute_exists(id) AND {same} AND {gone} AND observed_at = :read_at", {"#st": "state"}, values
 
     def use_pairing(self, key_hash: str, workload_id: str, agent_key: str) -> bool:
         use: dict[str, Any] = {
@@ -1725,18 +1730,14 @@ class DynamoStore:
 
     def _over_as_read(self, kwargs: dict[str, Any], read: InventoryRecord) -> dict[str, Any]:
         """A record's conditional update (:meth:`_observation`) made only over exactly ``read``
-        (:func:`check_registration_as_read`): its ``governed_rev`` and state
-        (:meth:`_as_read_condition`) and its observation."""
+        (:func:`check_registration_as_read`): its ``governed_rev``, state and observation
+        (:meth:`_as_read_condition`)."""
         condition, names, values = self._as_read_condition(read)
         return {
             **kwargs,
-            "ConditionExpression": f"({kwargs['ConditionExpression']}) AND {condition} AND observed_at = :read_at",
+            "ConditionExpression": f"({kwargs['ConditionExpression']}) AND {condition}",
             "ExpressionAttributeNames": {**kwargs["ExpressionAttributeNames"], **names},
-            "ExpressionAttributeValues": {
-                **kwargs["ExpressionAttributeValues"],
-                **values,
-                ":read_at": Decimal(str(read.observed_at)),
-            },
+            "ExpressionAttributeValues": {**kwargs["ExpressionAttributeValues"], **values},
         }
 
     def _claims(self, addresses: list[str]) -> dict[str, str]:

@@ -274,6 +274,14 @@ _SELECT_ALL = (
     "op_quarantined OR EXISTS (SELECT 1 FROM quarantine q WHERE q.workload_id = inventory.id), "
     "enrolled, last_heartbeat, offline, governed_rev, label_writes FROM inventory ORDER BY id"
 )
+# what check_as_read compares: the governance version, the state and the registration's observation
+_SELECT_AS_READ = "SELECT governed_rev, state, observed_at FROM inventory WHERE id = ?"
+
+
+def _as_read_row(row: tuple[Any, ...]) -> tuple[int, str, float]:
+    return int(row[0]), str(row[1]), float(row[2])
+
+
 # one statement per operator/liveness field: no statement is assembled from parts
 _UPDATES = {
     "op_mode": "UPDATE inventory SET op_mode = ? WHERE id = ?",
@@ -710,10 +718,10 @@ class SqliteStore:
         if mode is _UNSET and quarantined is None:
             return
         with self._tx() as db:
-            row = db.execute("SELECT governed_rev, state FROM inventory WHERE id = ?", (workload_id,)).fetchone()
+            row = db.execute(_SELECT_AS_READ, (workload_id,)).fetchone()
             if row is None:
                 raise KeyError(workload_id)
-            check_as_read(workload_id, (int(row[0]), str(row[1])), as_read)
+            check_as_read(workload_id, _as_read_row(row), as_read)
             if mode is not _UNSET:
                 db.execute(_UPDATES["op_mode"], (mode.value if mode is not None else None, workload_id))
             if quarantined:
@@ -1157,8 +1165,8 @@ class SqliteStore:
     @staticmethod
     def _check_as_read(db: sqlite3.Connection, workload_id: str, as_read: InventoryRecord | None) -> None:
         if as_read is not None:
-            row = db.execute("SELECT governed_rev, state FROM inventory WHERE id = ?", (workload_id,)).fetchone()
-            check_as_read(workload_id, (int(row[0]), str(row[1])) if row is not None else None, as_read)
+            row = db.execute(_SELECT_AS_READ, (workload_id,)).fetchone()
+            check_as_read(workload_id, _as_read_row(row) if row is not None else None, as_read)
 
     def retire_old_host(self, change: OldHostRetirement) -> None:
         # the check and every drop under one write lock: no registration lands in between
