@@ -209,7 +209,13 @@ class OnPremAdmin(Admin):
         existed = stored is not None
         mapper = self._governing()
         anew = _tombstones([stored] if stored is not None else [])
-        rec = self._record(spec.workload(), _after(anew), stored=stored, mapper=mapper, may_bind=may_bind)
+        rec = self._record(
+            spec.workload(),
+            _after([stored] if stored is not None else []),
+            stored=stored,
+            mapper=mapper,
+            may_bind=may_bind,
+        )
         problems = self._problems(mapper, rec)
         if strict and problems:
             return error(400, "label problems: nothing registered", "\n".join(f"{spec.id}: {p}" for p in problems))
@@ -305,7 +311,7 @@ class OnPremAdmin(Admin):
         stored = self.w.store.get_many([w.id for w in workloads])
         existing = set(stored)
         anew = _tombstones(list(stored.values()))
-        t = _after(anew)
+        t = _after(list(stored.values()))
         mapper = self._governing()
         recs = [self._record(w, t, stored=stored.get(w.id), mapper=mapper, may_bind=may_bind) for w in workloads]
         problems = {r.id: p for r in recs if (p := self._problems(mapper, r))}
@@ -493,10 +499,19 @@ def _tombstones(stored: list[InventoryRecord]) -> dict[str, InventoryRecord]:
     return {old.id: old for old in stored if old.state == "terminated"}
 
 
-def _after(anew: dict[str, InventoryRecord]) -> float:
-    """A registration's time: now, and never before a tombstone it replaces (the store keeps the
-    newer of two observations: one older than the tombstone would not land, its clear with it)."""
-    return max([time.time(), *(old.observed_at for old in anew.values())])
+STEP = 0.001
+"""How much later than the record it replaces a registration is observed, at least (seconds)."""
+
+
+def _after(stored: list[InventoryRecord]) -> float:
+    """A registration's time: now, and always after every record it replaces (as read), registered
+    or deregistered, by at least :data:`STEP`. The store keeps the newer of two observations, so
+    one no later than the stored record (written by a host whose clock was ahead) would be dropped
+    while answered as made; and an operator's write decided from the registration before it
+    (:func:`~ringfence.store.base.check_as_read`) tells the two apart by their time alone, so
+    even an equal time would let it land on this one. A record stored meanwhile newer than this
+    time refuses the write (:meth:`~ringfence.store.base.Store.observe_addressed`: 409)."""
+    return max([time.time(), *(old.observed_at + STEP for old in stored)])
 
 
 def _too_many(exc: TooManyTogether, rows: list[CmdbRow], source: str) -> str:

@@ -875,7 +875,10 @@ class Store(Protocol):
         its claims. SQLite writes all records in one transaction; DynamoDB one transaction per
         group of records that pass addresses among themselves: :class:`TooManyTogether`, nothing
         written, when a group is more than one transaction takes, and :class:`PartlyWritten`
-        when a group fails after others were written.
+        when a group fails after others were written. A record older than the one stored is
+        refused (:class:`GovernanceMoved`, nothing of it written), never dropped as
+        :meth:`observe` drops it: its caller (an administrator's registration, which is observed
+        after the record it read) would answer it as made with nothing stored.
 
         ``anew``: id → the tombstone the caller read for a deregistered id it registers again. That
         record is written only over exactly that tombstone (:func:`check_tombstone`: its time and

@@ -1660,9 +1660,9 @@ class DynamoStore:
                 if update is None:
                     if rec.id in anew:  # not the tombstone read: its clear must not land either
                         check_tombstone(stored.get(rec.id), anew[rec.id])
-                    if len(group) == 1:
-                        return set()  # a newer observation is stored: dropped, as observe drops it
-                    raise GovernanceMoved(f"{rec.id}: a newer observation was stored meanwhile")
+                    # a newer observation is stored: refused, never dropped while its caller
+                    # answers it as made
+                    raise GovernanceMoved(f"{rec.id}: a newer registration was stored meanwhile")
                 rec, kwargs = update
                 if rec.id in anew:
                     kwargs, clear = _anew(kwargs, anew[rec.id], self.state.name)
@@ -1713,8 +1713,6 @@ class DynamoStore:
                         now = self.get(rec.id)
                         if now is not None and other_account(now, rec):
                             raise OtherAccount(rec, now.workload.account) from None
-                        if now is not None and now.observed_at > rec.observed_at and len(group) == 1:
-                            return set()
                         raise GovernanceMoved(f"{rec.id}: the record changed while this record was decided") from None
                 if "ConditionalCheckFailed" in cleared:  # a quarantine put on the tombstone meanwhile
                     raise GovernanceMoved(f"{', '.join(sorted(anew.keys() & ids))}: quarantined meanwhile") from None

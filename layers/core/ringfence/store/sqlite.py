@@ -64,6 +64,7 @@ from ringfence.store.base import (
     DeltaPointer,
     EnforcementReport,
     EngineHead,
+    GovernanceMoved,
     Grant,
     InventoryRecord,
     LaunchHold,
@@ -645,9 +646,12 @@ class SqliteStore:
                 if read is not None:
                     # over exactly the tombstone read, or GovernanceMoved (rolls back: nothing written)
                     check_tombstone(self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone()), read)
+                stored = self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone())
                 if rec.id in as_read:  # over exactly the registration read, or WorkloadChanged (rolls back)
-                    stored = self._record(db.execute(_SELECT_ONE, (rec.id,)).fetchone())
                     check_registration_as_read(rec.id, stored, as_read[rec.id])
+                if stored is not None and stored.observed_at > rec.observed_at:
+                    # never dropped as older while its caller answers it as made (rolls back)
+                    raise GovernanceMoved(f"{rec.id}: a newer registration was stored meanwhile")
                 if self._observe(db, rec):
                     changed.add(rec.id)
                 if read is not None:  # the old host's mode and quarantine go with this write
