@@ -452,7 +452,9 @@ def admin_routes(
             201,
             errors=(400, 409, 503),
             meaning={
-                **ADMIN_ERRORS,
+                409: ADMIN_ERRORS[409] + "; `workload changed meanwhile: nothing registered`: the id was "
+                "registered (or governed) anew since the request read it, nothing written (`workload.register` "
+                "audited, then `workload.register.failed`): send it again",
                 503: unavailable(NOT_QUEUED + "; a registration again is answered 200, created false"),
             },
         ),
@@ -480,7 +482,15 @@ def admin_routes(
         "/admin/workloads/<wid>",
         summary="deregister an on-premise workload: it leaves every peer's sets — onboarding",
         responses=answers(
-            adminapi.DeregisterResponse, errors=(404, 409, 503), meaning={**ADMIN_ERRORS, 503: unavailable(NOT_QUEUED)}
+            adminapi.DeregisterResponse,
+            errors=(404, 409, 503),
+            meaning={
+                409: "`not an on-premise workload` (a cloud instance's id: nothing done), or `"
+                + CHANGED
+                + "` (`workload.deregister` audited, then `workload.deregister.failed`): "
+                + CHANGED_MEANING,
+                503: unavailable(NOT_QUEUED),
+            },
         ),
         security=[{"sigv4": []}],
     )
