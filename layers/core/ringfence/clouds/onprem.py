@@ -236,10 +236,14 @@ class OnPremAdmin(Admin):
         # the record before anything is written (as a provision's): a registration (its labels,
         # its grants) is never in force without its record; one then refused or failed gets a
         # second record, workload.register.failed
+        same = _unchanged(stored, rec)
+        if same:
+            detail["unchanged"] = True
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         try:
-            self._registered_anew(anew)
-            self._write([rec], anew)
+            if not same:
+                self._registered_anew(anew)
+                self._write([rec], anew)
         except AddressTaken as exc:
             self._failed(principal, "workload.register", spec.id, audit_id, str(exc), reason)
             return self._address_in_use(exc.taken)
@@ -342,11 +346,16 @@ class OnPremAdmin(Admin):
             detail["held"] = held
         if problems:
             detail["problems"] = problems
+        same = {r.id for r in recs if _unchanged(stored.get(r.id), r)}
+        if same:
+            detail["unchanged"] = sorted(same)
         # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
             self._registered_anew(anew)
-            self._write(recs, anew)  # SQLite: one transaction
+            changed = [r for r in recs if r.id not in same]
+            if changed:
+                self._write(changed, anew)  # SQLite: one transaction
         except AddressTaken as exc:
             # another writer took an address since the file was checked: refused as that check
             # refuses it (file:line:column)
@@ -501,6 +510,18 @@ def _tombstones(stored: list[InventoryRecord]) -> dict[str, InventoryRecord]:
 
 STEP = 0.001
 """How much later than the record it replaces a registration is observed, at least (seconds)."""
+
+
+def _unchanged(stored: InventoryRecord | None, rec: InventoryRecord) -> bool:
+    """``rec`` would store nothing new over the live ``stored`` (a CMDB sync of an unchanged row):
+    not written, so its registration time stays and an operator's write decided from it meanwhile
+    (checked against that time: :func:`~ringfence.store.base.check_as_read`) is not refused by a
+    sync that changed nothing. Anything else (an address, a tag, a label, a hold, a grant, a
+    deregistered id) is written as a registration."""
+    if stored is None or stored.state != "running" or rec.state != "running" or rec.label_writes is not None:
+        return False
+    same_workload = rec.workload.model_copy(update={"observed_at": stored.workload.observed_at}) == stored.workload
+    return same_workload and rec.labels == stored.labels and rec.problems == stored.problems
 
 
 def _after(stored: list[InventoryRecord]) -> float:
