@@ -469,7 +469,16 @@ def admin_routes(
         "/admin/workloads/import",
         summary="register every workload of a CMDB CSV export, or none (errors as file:line:column) — onboarding",
         responses=answers(
-            adminapi.CmdbImportResponse, errors=(400, 409, 503), meaning={**ADMIN_ERRORS, 503: unavailable(NOT_QUEUED)}
+            adminapi.CmdbImportResponse,
+            errors=(400, 409, 503),
+            meaning={
+                409: ADMIN_ERRORS[409] + "; `CMDB file rejected: nothing imported` (a row names a cloud instance), "
+                "`address in use: nothing imported`, `a workload changed meanwhile: import the file again` (a row's "
+                "id was registered or governed anew since the request read it: nothing written, `workload.import` "
+                "audited, then `workload.import.failed`); but `CMDB file partly imported: import it again` (DynamoDB "
+                "only): the rows it names were written and handed to compute, the rest not (`workload.import.partial`)",
+                503: unavailable(NOT_QUEUED),
+            },
         ),
         security=[{"sigv4": []}],
     )
