@@ -1,31 +1,41 @@
 """The DynamoDB twin of tests/onprem/test_attack_credential_change_race.py: the AWS admin and agent
 functions (moto server behind them). Between the admin route's read of an on-premise workload and
 its credential step (a pairing key, a revocation of its pairing keys, an agent-key reset), another
-container of the admin function deregisters the host and registers another one under its id (whose
-agent enrolls). The step is refused (409, nothing written: the record as read is a condition of
-each transaction) and its attempt audited with its ``.failed`` record; before, it landed on the new
-host. A deregistration whose credential drop runs after the id was registered again drops nothing
-of the new host's (the drop is conditional on the tombstone it wrote)."""
+container of the admin function registers another host under its id (whose agent enrolls):
+``anew``, after deregistering the old one; ``in_place``, without (the ``governed_rev`` stays, and
+so do the old host's credentials). The step is refused (409, nothing written: the record as read,
+its registration time included, is a condition of each transaction) and its attempt audited with
+its ``.failed`` record; before, it landed on the new host. An enrolled agent's heartbeats and polls
+between the read and the write refuse no operator route. A deregistration whose credential drop
+runs after the id was registered again drops nothing of the new host's (the drop is conditional on
+the tombstone it wrote)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from ringfence.control import admin as admin_service
+from ringfence.control import governance
+from ringfence.model import Mode
 from ringfence.store.base import AgentKeyReset, WorkloadChanged, agent_key_fingerprint_of
 from ringfence.store.dynamodb import DynamoStore
 from tests.aws.conftest import Env
 from tests.aws.test_attack_operator_change_race_ddb import (
+    GRANT,
     NEW_BOX,
+    PAULA,
+    RACE,
+    RITA,
     WID,
     Other,
     hybrid,
     onprem,
     other,
+    raced,
     refused_and_audited,
-    replaced_meanwhile,
 )
 from tests.aws.test_onprem_hybrid import OTTO
 from tests.aws.test_pipeline import AgentKey
@@ -74,11 +84,12 @@ def refused_after_its_request(env: Env, status: int, answer: Any, action: str) -
     assert not [a for a in log if a.action == action], f"{action} recorded as made"
 
 
+@RACE
 def test_attack_a_pairing_key_read_before_a_reregistration_does_not_enroll_the_new_host_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
-    done = replaced_meanwhile(other, monkeypatch, admin_service, "is_deregistered")
+    done = raced(env, other, monkeypatch, admin_service, "is_deregistered", race)
     body = {"workload_id": WID, "uses": 1, "ttl": 600, "reason": "old box"}
     status, _, answer = env.rest("admin", "POST", "/admin/pairing-keys", body, principal=OTTO)
     assert done, "the race happened"
@@ -90,12 +101,13 @@ def test_attack_a_pairing_key_read_before_a_reregistration_does_not_enroll_the_n
     assert agent.enroll(mint(other)) == 200 and agent.authorized()
 
 
+@RACE
 def test_attack_a_pairing_key_revocation_read_before_a_reregistration_keeps_the_new_hosts_keys_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
     keys: list[str] = []
-    done = replaced_meanwhile(other, monkeypatch, admin_service.Admin, "_audit", lambda: keys.append(mint(other)))
+    done = raced(env, other, monkeypatch, admin_service.Admin, "_audit", race, lambda: keys.append(mint(other)))
     path = f"/admin/workloads/{WID}/pairing-keys"
     status, _, answer = env.rest("admin", "DELETE", path, {"reason": "old box's key leaked"}, principal=OTTO)
     assert done and keys, "the race happened"
@@ -103,8 +115,9 @@ def test_attack_a_pairing_key_revocation_read_before_a_reregistration_keeps_the_
     refused_after_its_request(env, status, answer, "pairing.revoke")
 
 
+@RACE
 def test_attack_an_agent_key_reset_read_before_a_reregistration_leaves_the_new_hosts_agent_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
     new: dict[str, Agent] = {}
@@ -113,7 +126,7 @@ def test_attack_an_agent_key_reset_read_before_a_reregistration_leaves_the_new_h
         new["agent"] = Agent(env)
         assert new["agent"].enroll(mint(other)) == 200
 
-    done = replaced_meanwhile(other, monkeypatch, admin_service.Admin, "_audit", new_host_enrolls)
+    done = raced(env, other, monkeypatch, admin_service.Admin, "_audit", race, new_host_enrolls)
     body = {"next_agent_key": agent_key_fingerprint_of(AgentKey().pem), "reason": "old box reinstalled"}
     status, _, answer = env.rest("admin", "DELETE", f"/admin/workloads/{WID}/agent-key", body, principal=OTTO)
     assert done and new, "the race happened"
@@ -152,6 +165,71 @@ def test_attack_a_deregistration_does_not_cut_off_the_host_registered_after_its_
     assert new["agent"].authorized(), "the deregistration revoked the token of the host registered after it"
     assert env.store.agent_key(WID) == new["agent"].key.pem, "the deregistration unbound the new host's agent key"
     assert not old.authorized(), "the old host's token outlived its deregistration"
+
+
+# --- ordinary traffic between the read and the write: every route lands --------------------------
+
+HOOKS = [(admin_service, "is_deregistered"), (governance, "bind"), (admin_service.Admin, "_audit")]
+ROUTES: dict[str, tuple[str, str, str, dict[str, Any], int, str, int]] = {
+    # name: (caller, method, path, body, hook (HOOKS), action, status)
+    "mode": (PAULA, "PUT", f"/admin/workloads/{WID}/mode", {"mode": "idle", "reason": "r"}, 0, "workload.mode", 200),
+    "quarantine": (RITA, "POST", f"/admin/workloads/{WID}/quarantine", {"reason": "r"}, 0, "workload.quarantine", 200),
+    "release": (RITA, "DELETE", f"/admin/workloads/{WID}/quarantine", {"reason": "r"}, 0, "workload.release", 200),
+    "bind": (PAULA, "PUT", f"/admin/workloads/{WID}/labels", {"labels": GRANT, "reason": "r"}, 1, "label.bind", 200),
+    "pairing": (
+        OTTO,
+        "POST",
+        "/admin/pairing-keys",
+        {"workload_id": WID, "uses": 1, "ttl": 600},
+        0,
+        "pairing.create",
+        201,
+    ),
+    "revoke": (OTTO, "DELETE", f"/admin/workloads/{WID}/pairing-keys", {"reason": "r"}, 2, "pairing.revoke", 200),
+    "reset": (OTTO, "DELETE", f"/admin/workloads/{WID}/agent-key", {"reason": "r"}, 2, "agent-key.reset", 200),
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_an_enrolled_agents_heartbeats_and_polls_between_the_read_and_the_write_refuse_nothing_ddb(
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    env = onprem
+    who, method, path, body, hook, action, status = ROUTES[route]
+    agent = Agent(env)
+    assert agent.enroll(mint(other)) == 200
+    if route == "release":
+        assert (
+            env.rest("admin", "POST", f"/admin/workloads/{WID}/quarantine", {"reason": "IR"}, principal=RITA)[0] == 200
+        )
+    env.store.set_liveness(WID, heartbeat=time.time() - 3600)  # the next heartbeat is written
+    read = env.store.get(WID)
+    target, name = HOOKS[hook]
+    real = getattr(target, name)
+    done: list[int] = []
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not done:
+            done.append(1)
+            for _ in range(2):
+                hb = {"applied_version": None, "mode": None, "healthy": True}
+                headers = {"Authorization": f"Bearer {agent.token}"}
+                got, _, answer = env.rest("agentapi", "POST", f"/v1/agents/{WID}/heartbeat", hb, headers=headers)
+                assert got == 200, answer
+                assert agent.authorized()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, meanwhile)
+    got, _, answer = env.rest("admin", method, path, body, principal=who)
+    assert done, f"the traffic happened between the read and the write: {answer}"
+    assert got == status, answer
+    log = env.store.audit_log()
+    assert [a for a in log if a.action == action] and not [a for a in log if a.action == f"{action}.failed"]
+    rec = env.store.get(WID)
+    assert read is not None and rec is not None and rec.observed_at == read.observed_at
+    assert rec.last_heartbeat is not None and (read.last_heartbeat or 0) < rec.last_heartbeat
+    if route == "mode":
+        assert rec.op_mode is Mode.IDLE
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """The DynamoDB twin of tests/onprem/test_attack_operator_change_race.py: the AWS admin function
 (moto server behind it, API Gateway's IAM caller in the event). Between the route's read of an
-on-premise workload and its write, onboarding deregisters the host and registers another one under
-its id through the same function. The mode, quarantine, release or binding is refused (409,
-nothing written: the record's ``governed_rev`` as read is a condition of the transaction), and its
-attempt audited with its ``.failed`` record; before, it landed on the new host."""
+on-premise workload and its write, onboarding registers another host under its id through another
+container of the function: ``anew``, after deregistering the old one; ``in_place``, without (the
+``governed_rev`` stays). The mode, quarantine, release or binding is refused (409, nothing written:
+the record as read, its version and registration time, is a condition of the transaction), and
+its attempt audited with its ``.failed`` record; before, it landed on the new host."""
 
 from __future__ import annotations
 
@@ -54,27 +55,40 @@ def other(onprem: Env) -> Iterator[Other]:
     retire_functions(fns.values())
 
 
-def replaced_meanwhile(
+RACE = pytest.mark.parametrize("race", ["anew", "in_place"])
+
+
+def raced(
+    env: Env,
     other: Other,
     monkeypatch: pytest.MonkeyPatch,
     target: Any,
     name: str,
+    race: str,
     then: Callable[[], None] | None = None,
     box: dict[str, Any] = NEW_BOX,
 ) -> list[int]:
     """``target.name`` (called once the route has read the workload, before it writes) first lets
-    onboarding deregister WID and register ``box`` under it (``then``: what else happens to the
-    new host meanwhile), through another container of the admin function."""
+    onboarding register ``box`` under WID again, through another container of the admin function:
+    ``anew`` after deregistering WID, ``in_place`` without (200, not created: the ``governed_rev``
+    stays, and so do the old host's mode, quarantine and credentials); then ``then`` (what else
+    happens to the new host meanwhile)."""
     real = getattr(target, name)
     done: list[int] = []
 
     def meanwhile(*args: Any, **kwargs: Any) -> Any:
         if not done:
             done.append(1)
-            status, _, answer = other("DELETE", f"/admin/workloads/{WID}", {"reason": "gone"}, OTTO)
-            assert status == 200, answer
+            before = env.store.get(WID)
+            if race == "anew":
+                status, _, answer = other("DELETE", f"/admin/workloads/{WID}", {"reason": "gone"}, OTTO)
+                assert status == 200, answer
             status, _, answer = other("POST", "/admin/workloads", {**box, "reason": "new box, same name"}, OTTO)
             assert status == 200, answer
+            if race == "in_place":
+                after = env.store.get(WID)
+                assert answer["created"] is False and before is not None and after is not None, answer
+                assert after.governed_rev == before.governed_rev, "the version moved: not an in-place race"
             if then is not None:
                 then()
         return real(*args, **kwargs)
@@ -92,11 +106,12 @@ def refused_and_audited(env: Env, status: int, answer: Any, action: str, princip
     assert failed.detail["audit_id"] == attempt.id and "registered again" in failed.detail["why"], failed
 
 
+@RACE
 def test_attack_an_idle_read_before_a_reregistration_does_not_land_on_the_new_host_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
-    done = replaced_meanwhile(other, monkeypatch, admin_service, "is_deregistered")
+    done = raced(env, other, monkeypatch, admin_service, "is_deregistered", race)
     status, _, answer = env.rest(
         "admin", "PUT", f"/admin/workloads/{WID}/mode", {"mode": "idle", "reason": "old box"}, principal=PAULA
     )
@@ -113,8 +128,9 @@ def test_attack_an_idle_read_before_a_reregistration_does_not_land_on_the_new_ho
     assert status == 200 and env.store.get(WID).op_mode is Mode.ENFORCE, answer
 
 
+@RACE
 def test_attack_a_release_read_before_a_reregistration_keeps_the_new_hosts_quarantine_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
     quarantine = f"/admin/workloads/{WID}/quarantine"
@@ -124,38 +140,42 @@ def test_attack_a_release_read_before_a_reregistration_keeps_the_new_hosts_quara
         status, _, answer = other("POST", quarantine, {"reason": "IR-8 new box"}, RITA)
         assert status == 200, answer
 
-    done = replaced_meanwhile(other, monkeypatch, admin_service, "is_deregistered", new_host_quarantined)
+    # in place, the new host keeps the old one's quarantine (and the version: none written meanwhile)
+    then = new_host_quarantined if race == "anew" else None
+    done = raced(env, other, monkeypatch, admin_service, "is_deregistered", race, then)
     status, _, answer = env.rest("admin", "DELETE", quarantine, {"reason": "IR-7 closed"}, principal=RITA)
     assert done, "the race happened"
     rec = env.store.get(WID)
-    assert rec is not None and rec.state == "running"
+    assert rec is not None and rec.state == "running" and rec.workload.ips == NEW_BOX["ips"]
     assert rec.op_quarantined, "a release meant for the old host took the new one out of quarantine"
     refused_and_audited(env, status, answer, "workload.release", RITA)
 
 
+@RACE
 def test_attack_a_quarantine_read_before_a_reregistration_does_not_land_on_the_new_host_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
-    done = replaced_meanwhile(other, monkeypatch, admin_service, "is_deregistered")
+    done = raced(env, other, monkeypatch, admin_service, "is_deregistered", race)
     status, _, answer = env.rest(
         "admin", "POST", f"/admin/workloads/{WID}/quarantine", {"reason": "IR-9 old box"}, principal=RITA
     )
     assert done, "the race happened"
     rec = env.store.get(WID)
-    assert rec is not None and rec.state == "running"
+    assert rec is not None and rec.state == "running" and rec.workload.ips == NEW_BOX["ips"]
     assert not rec.op_quarantined, "the old host's quarantine landed on the new host"
     refused_and_audited(env, status, answer, "workload.quarantine", RITA)
 
 
+@RACE
 def test_attack_a_binding_read_before_a_reregistration_grants_the_new_host_nothing_ddb(
-    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch
+    onprem: Env, other: Other, monkeypatch: pytest.MonkeyPatch, race: str
 ) -> None:
     env = onprem
     retagged = {**DB, "tags": {**DB["tags"], **PRIVILEGED}}
     status, answer = register(env, retagged)
     assert status == 200 and answer["held"] == GRANT, answer
-    done = replaced_meanwhile(other, monkeypatch, governance, "bind", box={**NEW_BOX, "tags": retagged["tags"]})
+    done = raced(env, other, monkeypatch, governance, "bind", race, box={**NEW_BOX, "tags": retagged["tags"]})
     status, _, answer = env.rest(
         "admin", "PUT", f"/admin/workloads/{WID}/labels", {"labels": GRANT, "reason": "CHG-9 old"}, principal=PAULA
     )

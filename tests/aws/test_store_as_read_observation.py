@@ -1,8 +1,9 @@
 """The store's as-read contract (both stores): a write made over the registration as read
 (``as_read``) compares its observation time too, so a registration of the id in place that keeps
 its ``governed_rev`` (another box under the name) refuses it, while what an agent writes (liveness)
-and the writes themselves (a quarantine, a pairing key) refuse nothing. The routes' races are in
-tests/onprem/test_attack_inplace_reregistration_race.py and its DynamoDB twin."""
+and the writes themselves (a quarantine, a pairing key) refuse nothing. The routes' races are the
+``in_place`` ones of tests/onprem/test_attack_operator_change_race.py,
+tests/onprem/test_attack_credential_change_race.py and their DynamoDB twins."""
 
 from __future__ import annotations
 

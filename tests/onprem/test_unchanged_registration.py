@@ -2,7 +2,8 @@
 not written: its registration time stays, so an incident responder's quarantine (or any operator
 write, each checked against the registration it read) decided while the sync runs is not refused
 as "registered again". A row that changes anything is still a registration (the in-place race
-tests: tests/onprem/test_attack_inplace_reregistration_race.py). ``ringfence serve`` over SQLite."""
+tests: the ``in_place`` ones of tests/onprem/test_attack_operator_change_race.py and
+tests/onprem/test_attack_credential_change_race.py). ``ringfence serve`` over SQLite."""
 
 from __future__ import annotations
 
