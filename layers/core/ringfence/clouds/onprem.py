@@ -31,6 +31,7 @@ from ringfence.store.base import (
     PartlyWritten,
     TooManyTogether,
     WorkloadChanged,
+    check_registration_as_read,
     holds_addresses,
 )
 
@@ -241,7 +242,9 @@ class OnPremAdmin(Admin):
             detail["unchanged"] = True
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         try:
-            if not same:
+            if same:
+                self._still_as_read([stored] if stored is not None else [])
+            else:
                 self._registered_anew(anew)
                 self._write([rec], anew)
         except AddressTaken as exc:
@@ -352,6 +355,7 @@ class OnPremAdmin(Admin):
         # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
+            self._still_as_read([stored[wid] for wid in sorted(same)])
             self._registered_anew(anew)
             changed = [r for r in recs if r.id not in same]
             if changed:
@@ -385,7 +389,9 @@ class OnPremAdmin(Admin):
                 409,
                 "CMDB file partly imported: import it again",
                 f"{len(exc.written)} of {len(ids)} workloads were written (and handed to compute): "
-                f"{_some(exc.written)}; the rest were not: {exc.cause}",
+                f"{_some(exc.written)}"
+                + (f"; {len(same)} unchanged (nothing to write): {_some(sorted(same))}" if same else "")
+                + f"; the rest were not: {exc.cause}",
             )
         except Exception as exc:
             self._failed(principal, "workload.import", source, audit_id, f"{type(exc).__name__}: {exc}", reason)
@@ -406,6 +412,21 @@ class OnPremAdmin(Admin):
         if problems:
             answer["problems"] = problems
         return Response(200, answer)
+
+    def _still_as_read(self, unchanged: list[InventoryRecord]) -> None:
+        """The records a registration leaves unwritten (``_unchanged``: the same as stored) are
+        still stored as read, else GovernanceMoved (409, as a write over a moved record is): one
+        deregistered, registered again or governed anew (a revocation) since the read would be
+        answered registered as it was read. Read after the audit record, like a write: the
+        registration is in force as of that read."""
+        if not unchanged:
+            return
+        now = self.w.store.get_many([r.id for r in unchanged])
+        for read in unchanged:
+            try:
+                check_registration_as_read(read.id, now.get(read.id), read)
+            except WorkloadChanged as exc:
+                raise GovernanceMoved(f"{exc} (the registration would have changed nothing over it)") from None
 
     def _registered_anew(self, anew: dict[str, InventoryRecord]) -> None:
         """Ids about to be registered again after a deregistration (``anew``: their tombstones as
