@@ -9,6 +9,7 @@ cloud ones, with ``cloud: onprem``; a cloud instance's record is never overwritt
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -34,6 +35,8 @@ from ringfence.store.base import (
     check_registration_as_read,
     holds_addresses,
 )
+
+log = logging.getLogger(__name__)
 
 HOLD_KINDS = frozenset({"held", "ungranted"})
 """Label problems that are governance's decision (answered as ``held``), not the operator's data."""
@@ -318,9 +321,15 @@ class OnPremAdmin(Admin):
         stored = self.w.store.get_many([w.id for w in workloads])
         existing = set(stored)
         anew = _tombstones(list(stored.values()))
-        t = _after(list(stored.values()))
         mapper = self._governing()
-        recs = [self._record(w, t, stored=stored.get(w.id), mapper=mapper, may_bind=may_bind) for w in workloads]
+        # each row after its own record (not the file's latest): a record a clock far ahead wrote
+        # must not carry every other row of the file into the future with it
+        recs = [
+            self._record(
+                w, _after([old] if (old := stored.get(w.id)) else []), stored=old, mapper=mapper, may_bind=may_bind
+            )
+            for w in workloads
+        ]
         problems = {r.id: p for r in recs if (p := self._problems(mapper, r))}
         if strict and problems:
             where = [
@@ -531,6 +540,8 @@ def _tombstones(stored: list[InventoryRecord]) -> dict[str, InventoryRecord]:
 
 STEP = 0.001
 """How much later than the record it replaces a registration is observed, at least (seconds)."""
+AHEAD = 300.0
+"""A stored registration time more than this ahead of the clock is logged (:func:`_after`)."""
 
 
 def _unchanged(stored: InventoryRecord | None, rec: InventoryRecord) -> bool:
@@ -553,7 +564,18 @@ def _after(stored: list[InventoryRecord]) -> float:
     (:func:`~ringfence.store.base.check_as_read`) tells the two apart by their time alone, so
     even an equal time would let it land on this one. A record stored meanwhile newer than this
     time refuses the write (:meth:`~ringfence.store.base.Store.observe_addressed`: 409)."""
-    return max([time.time(), *(old.observed_at + STEP for old in stored)])
+    now = time.time()
+    for old in stored:
+        if old.observed_at > now + AHEAD:
+            # the newer-wins store keeps it, so this registration is dated after it: say so once per
+            # registration, as its time (and every later one's) is then that far ahead too
+            log.warning(
+                "%s: stored registration time is %.0f s ahead of this clock (a host whose clock was ahead "
+                "wrote it); registered after it",
+                old.id,
+                old.observed_at - now,
+            )
+    return max([now, *(old.observed_at + STEP for old in stored)])
 
 
 def _too_many(exc: TooManyTogether, rows: list[CmdbRow], source: str) -> str:
