@@ -240,7 +240,7 @@ class OnPremAdmin(Admin):
         # the record before anything is written (as a provision's): a registration (its labels,
         # its grants) is never in force without its record; one then refused or failed gets a
         # second record, workload.register.failed
-        same = _unchanged(stored, rec)
+        same = _unchanged(stored, rec) and stored is not None and not self.w.store.unclaimed([stored])
         if same:
             detail["unchanged"] = True
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
@@ -359,6 +359,7 @@ class OnPremAdmin(Admin):
         if problems:
             detail["problems"] = problems
         same = {r.id for r in recs if _unchanged(stored.get(r.id), r)}
+        same -= self.w.store.unclaimed([stored[wid] for wid in sorted(same)]) if same else set()
         if same:
             detail["unchanged"] = sorted(same)
         # the record before anything is written, as for one registration

@@ -855,6 +855,14 @@ class Store(Protocol):
         transaction (all or none, even across a crash); DynamoDB one by one."""
         ...
 
+    def unclaimed(self, recs: list[InventoryRecord]) -> set[str]:
+        """The ids of ``recs`` (records as stored) whose addresses the store does not hold as
+        theirs through :meth:`observe_addressed`: DynamoDB, an address with no claim item naming
+        the record (a record stored before the claims); SQLite, none (its check is the inventory
+        itself). A registration that would change nothing still writes these, so they get their
+        claims."""
+        ...
+
     def observe_addressed(
         self,
         recs: list[InventoryRecord],

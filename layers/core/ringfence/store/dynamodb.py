@@ -1560,6 +1560,10 @@ class DynamoStore:
 
     CLAIM_ATTEMPTS = 10
 
+    def unclaimed(self, recs: list[InventoryRecord]) -> set[str]:
+        claims = self._claims(sorted({ip for rec in recs for ip in _addresses(rec)}))
+        return {rec.id for rec in recs if any(claims.get(ip) != rec.id for ip in _addresses(rec))}
+
     def observe_addressed(
         self,
         recs: list[InventoryRecord],

@@ -626,6 +626,9 @@ class SqliteStore:
         with self._tx() as db:
             return {rec.id for rec in recs if self._observe(db, rec)}
 
+    def unclaimed(self, recs: list[InventoryRecord]) -> set[str]:
+        return set()  # the address check reads the inventory in the write's transaction: no claims
+
     def observe_addressed(
         self,
         recs: list[InventoryRecord],
