@@ -90,3 +90,22 @@ def test_attack_an_unchanged_import_overtaken_by_a_revocation_does_not_audit_the
     assert r.json()["error"] == "a workload changed meanwhile: import the file again", r.text
     (failed,) = served.audit("workload.import.failed")
     assert failed.detail["audit_id"] == served.audit("workload.import")[-1].id
+
+
+def test_an_unchanged_registration_overtaken_by_another_registration_is_written_as_any(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two registrations of one id racing (a CMDB sync and an onboarding change): the one that
+    would have changed nothing over what it read is written as any registration is, after the
+    other (last registration wins, as before rows were left unwritten), not refused."""
+    sync = {**ESTATE[1], "reason": "CMDB sync"}
+    assert served.call("otto", "POST", "/admin/workloads", sync).status_code == 200
+    moved = {**ESTATE[1], "tags": {**ESTATE[1]["tags"], "team": "payments"}, "reason": "tagged"}
+    done = after_the_read(monkeypatch, lambda: served.call("otto", "POST", "/admin/workloads", moved))
+    r = served.call("otto", "POST", "/admin/workloads", sync)
+    assert done and done[0].status_code == 200, "the other registration landed between the read and the answer"
+    assert r.status_code == 200, r.text
+    rec = served.wiring.store.get(WID)
+    assert rec is not None and "team" not in rec.workload.tags, "the later registration is the one stored"
+    assert "unchanged" not in served.audit("workload.register")[-1].detail
+    assert not served.audit("workload.register.failed")

@@ -240,14 +240,12 @@ class OnPremAdmin(Admin):
         # the record before anything is written (as a provision's): a registration (its labels,
         # its grants) is never in force without its record; one then refused or failed gets a
         # second record, workload.register.failed
-        same = _unchanged(stored, rec) and stored is not None and not self.w.store.unclaimed([stored])
+        same = stored is not None and _unchanged(stored, rec) and not self._unwritable([stored])
         if same:
             detail["unchanged"] = True
         audit_id = self._audit(principal, "workload.register", spec.id, detail, reason)
         try:
-            if same:
-                self._still_as_read([stored] if stored is not None else [])
-            else:
+            if not same:
                 self._registered_anew(anew)
                 self._write([rec], anew)
         except AddressTaken as exc:
@@ -359,13 +357,12 @@ class OnPremAdmin(Admin):
         if problems:
             detail["problems"] = problems
         same = {r.id for r in recs if _unchanged(stored.get(r.id), r)}
-        same -= self.w.store.unclaimed([stored[wid] for wid in sorted(same)]) if same else set()
+        same -= self._unwritable([stored[wid] for wid in sorted(same)])
         if same:
             detail["unchanged"] = sorted(same)
         # the record before anything is written, as for one registration
         audit_id = self._audit(principal, "workload.import", source, detail, reason)
         try:
-            self._still_as_read([stored[wid] for wid in sorted(same)])
             self._registered_anew(anew)
             changed = [r for r in recs if r.id not in same]
             if changed:
@@ -423,20 +420,23 @@ class OnPremAdmin(Admin):
             answer["problems"] = problems
         return Response(200, answer)
 
-    def _still_as_read(self, unchanged: list[InventoryRecord]) -> None:
-        """The records a registration leaves unwritten (``_unchanged``: the same as stored) are
-        still stored as read, else GovernanceMoved (409, as a write over a moved record is): one
-        deregistered, registered again or governed anew (a revocation) since the read would be
-        answered registered as it was read. Read after the audit record, like a write: the
-        registration is in force as of that read."""
+    def _unwritable(self, unchanged: list[InventoryRecord]) -> set[str]:
+        """The ids of ``unchanged`` (records as read that a registration would store unchanged)
+        that must be written all the same: one with no address claim in the store
+        (:meth:`~ringfence.store.base.Store.unclaimed`), and one no longer stored as read
+        (deregistered, registered again or governed anew since: written as any registration is,
+        so the store decides over the newer record, refusing it 409 where it must, as before
+        rows were left unwritten; never answered "registered" over a deregistration)."""
         if not unchanged:
-            return
+            return set()
         now = self.w.store.get_many([r.id for r in unchanged])
+        moved = set()
         for read in unchanged:
             try:
                 check_registration_as_read(read.id, now.get(read.id), read)
-            except WorkloadChanged as exc:
-                raise GovernanceMoved(f"{exc} (the registration would have changed nothing over it)") from None
+            except WorkloadChanged:
+                moved.add(read.id)
+        return moved | self.w.store.unclaimed([r for r in unchanged if r.id not in moved])
 
     def _registered_anew(self, anew: dict[str, InventoryRecord]) -> None:
         """Ids about to be registered again after a deregistration (``anew``: their tombstones as
