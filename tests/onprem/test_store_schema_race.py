@@ -51,20 +51,25 @@ def _version(path: Path) -> int:
         db.close()
 
 
+def _back_to_version_5(path: Path) -> None:
+    """The file as schema 5 left it: owed marks without their key, one mark."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        "BEGIN; DROP TABLE owed_compute; CREATE TABLE owed_compute (workload_id TEXT PRIMARY KEY,"
+        " urgent INTEGER NOT NULL, nonce TEXT NOT NULL); INSERT INTO owed_compute VALUES ('i-a', 0, 'n1');"
+        " PRAGMA user_version = 5; COMMIT;"
+    )
+    db.close()
+
+
 @pytest.mark.parametrize("found", [SCHEMA_VERSION, 5])
 def test_a_newer_release_migrating_the_file_meanwhile_is_never_set_back(tmp_path: Path, found: int) -> None:
     """``found``: the version the file has when this release reads it (this release's own, or
     5: one this release would migrate)."""
     path = tmp_path / "state.db"
     SqliteStore(path).close()
-    if found == 5:  # schema 5: marks without their key
-        db = sqlite3.connect(path)
-        db.executescript(
-            "BEGIN; DROP TABLE owed_compute; CREATE TABLE owed_compute (workload_id TEXT PRIMARY KEY,"
-            " urgent INTEGER NOT NULL, nonce TEXT NOT NULL); INSERT INTO owed_compute VALUES ('i-a', 0, 'n1');"
-            " PRAGMA user_version = 5; COMMIT;"
-        )
-        db.close()
+    if found == 5:
+        _back_to_version_5(path)
     # the newer release's migration, under the write lock, not committed yet: the opener reads
     # the committed version (found) and then waits for the lock
     newer = sqlite3.connect(path, isolation_level=None)
@@ -102,13 +107,7 @@ def test_processes_opening_one_old_file_at_once_migrate_it_once(tmp_path: Path) 
     and the file ends at this release's version with its marks keyed once."""
     path = tmp_path / "state.db"
     SqliteStore(path).close()
-    db = sqlite3.connect(path)
-    db.executescript(
-        "BEGIN; DROP TABLE owed_compute; CREATE TABLE owed_compute (workload_id TEXT PRIMARY KEY,"
-        " urgent INTEGER NOT NULL, nonce TEXT NOT NULL); INSERT INTO owed_compute VALUES ('i-a', 0, 'n1');"
-        " PRAGMA user_version = 5; COMMIT;"
-    )
-    db.close()
+    _back_to_version_5(path)
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # every opener waits on the lock, then they race for it
     openers = [
