@@ -91,7 +91,13 @@ def test_attack_a_registration_flood_does_not_delay_a_quarantine_in_serve(
             for j in range(n):
                 i = (k + 4 * j) % len(DEV)
                 body = _dev(i, "processing" if j % 2 else "web")
-                assert c.post("/admin/workloads", json=body, headers=auth["otto"]).status_code in (200, 201)
+                # two threads registering one id at once: the one overtaken answers 409 "workload
+                # changed meanwhile: nothing registered", and is sent again (docs/onprem.md)
+                for _ in range(5):
+                    status = c.post("/admin/workloads", json=body, headers=auth["otto"]).status_code
+                    if status != 409:
+                        break
+                assert status in (200, 201)
 
     flood(0, 1)  # the computation under way when the flood comes
     assert held.running.wait(30)
